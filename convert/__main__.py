@@ -1,0 +1,7 @@
+"""``python -m convert`` runs the dsconv CLI."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,288 @@
+"""Depthwise-separable convolution layers that replace dense convolutions.
+
+A layer is two named halves: ``conv_dw``, a depthwise convolution with
+``groups=in_channels`` and ``in_channels * depth_multiplier`` outputs, and
+``conv_pw``, a pointwise (kernel size 1) convolution. The depthwise half carries
+the spatial geometry of the replaced conv (kernel size, stride, padding,
+dilation, padding mode); the pointwise half carries the bias and the groups.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .factorize import Factors
+
+__all__ = [
+    "DepthwiseSeparableConv1d",
+    "DepthwiseSeparableConv2d",
+    "DepthwiseSeparableConv3d",
+    "DepthwiseSeparableConvNd",
+    "SEPARABLE_BY_DENSE",
+]
+
+# The spatial padding argument as nn.Conv*d takes it: an int, a tuple or "same"/"valid".
+Padding = int | tuple[int, ...] | str
+
+
+class DepthwiseSeparableConvNd(nn.Module):
+    """Base class: a depthwise conv over every input channel, then a pointwise conv.
+
+    ``groups`` is the group count of the dense conv being replaced. The depthwise
+    half always has ``groups=in_channels``; the pointwise half keeps ``groups``, so
+    each output still reads only the input channels of its own group.
+    """
+
+    _conv_type: type[nn.modules.conv._ConvNd]
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: Padding = 0,
+        dilation: int | tuple[int, ...] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        depth_multiplier: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int("depth_multiplier", depth_multiplier)
+        check_positive_int("groups", groups)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"in_channels={in_channels} and out_channels={out_channels} "
+                f"must both be divisible by groups={groups}"
+            )
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        hidden = in_channels * depth_multiplier
+        self.conv_dw = self._conv_type(
+            in_channels,
+            hidden,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=in_channels,
+            bias=False,
+            padding_mode=padding_mode,
+            **factory,
+        )
+        self.conv_pw = self._conv_type(hidden, out_channels, 1, groups=groups, bias=bias, **factory)
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.modules.conv._ConvNd,
+        depth_multiplier: int = 1,
+        init: str = "svd",
+    ) -> "DepthwiseSeparableConvNd":
+        """Build the separable replacement of ``conv`` on its device, dtype and memory format.
+
+        ``init="svd"`` fills the weights from the truncated SVD of ``conv.weight`` and
+        copies the bias (exact when ``depth_multiplier`` is the full rank
+        ``min(out_channels / groups, prod(kernel_size))``; a larger multiplier is
+        lowered to it). ``init="random"`` keeps PyTorch's default initialization.
+        """
+        from .factorize import INIT_METHODS, factorize_weight, full_rank
+
+        check_positive_int("depth_multiplier", depth_multiplier)
+        if init not in INIT_METHODS:
+            raise ValueError(f"init={init!r} is not supported: choose one of {', '.join(INIT_METHODS)}")
+        layer_type = cls.type_for(conv)
+        depth_multiplier = min(depth_multiplier, full_rank(conv.out_channels, conv.kernel_size, conv.groups))
+        if init == "random":
+            layer = layer_type(**layer_arguments(conv, depth_multiplier))
+            layer.copy_mode_and_layout(conv)
+            return layer
+        return layer_type.from_factors(conv, factorize_weight(conv.weight, depth_multiplier, groups=conv.groups))
+
+    @classmethod
+    def from_factors(cls, conv: nn.modules.conv._ConvNd, factors: "Factors") -> "DepthwiseSeparableConvNd":
+        """Build the replacement of ``conv`` with weights already factored by :func:`factorize_weight`."""
+        depth_multiplier = factors.depthwise.shape[0] // conv.in_channels
+        layer = nn.utils.skip_init(cls.type_for(conv), **layer_arguments(conv, depth_multiplier))
+        layer.load_factors(factors.depthwise, factors.pointwise)
+        if conv.bias is not None:
+            with torch.no_grad():
+                layer.conv_pw.bias.copy_(conv.bias.detach())
+        layer.copy_mode_and_layout(conv)
+        return layer
+
+    @classmethod
+    def type_for(cls, conv: nn.Module) -> type["DepthwiseSeparableConvNd"]:
+        """Return ``cls`` if it replaces ``conv``'s type, or the matching subclass when called on the base."""
+        layer_type = cls if cls is not DepthwiseSeparableConvNd else separable_type_for(conv)
+        if not isinstance(conv, layer_type._conv_type):
+            raise TypeError(f"{layer_type.__name__} replaces {layer_type._conv_type.__name__}, not {type(conv).__name__}")
+        return layer_type
+
+    def copy_mode_and_layout(self, conv: nn.modules.conv._ConvNd) -> None:
+        """Take the train/eval mode and the memory format of ``conv``."""
+        self.train(conv.training)
+        copy_memory_format(conv.weight, self)
+
+    @torch.no_grad()
+    def load_factors(self, depthwise: torch.Tensor, pointwise: torch.Tensor) -> None:
+        """Copy factor weights into the two halves, casting to their dtype and device."""
+        self.conv_dw.weight.copy_(depthwise.reshape(self.conv_dw.weight.shape))
+        self.conv_pw.weight.copy_(pointwise.reshape(self.conv_pw.weight.shape))
+
+    def dense_weight(self) -> torch.Tensor:
+        """Return the dense conv weight that this pair computes, shape ``(out, in/groups, *kernel)``."""
+        groups = self.groups
+        multiplier = self.depth_multiplier
+        in_per_group = self.in_channels // groups
+        out_per_group = self.out_channels // groups
+        kernel = self.conv_dw.weight.shape[2:]
+
+        # depthwise (in*K, 1, *kernel) -> (groups, in/groups, K, prod(kernel))
+        depthwise = self.conv_dw.weight.reshape(groups, in_per_group, multiplier, -1)
+        # pointwise (out, in*K/groups, 1...) -> (groups, out/groups, in/groups, K)
+        pointwise = self.conv_pw.weight.reshape(groups, out_per_group, in_per_group, multiplier)
+        dense = torch.einsum("goik,gikp->goip", pointwise, depthwise)
+        return dense.reshape(self.out_channels, in_per_group, *kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_pw(self.conv_dw(x))
+
+    @property
+    def in_channels(self) -> int:
+        return self.conv_dw.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv_pw.out_channels
+
+    @property
+    def depth_multiplier(self) -> int:
+        return self.conv_dw.out_channels // self.conv_dw.in_channels
+
+    @property
+    def groups(self) -> int:
+        return self.conv_pw.groups
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return self.conv_dw.kernel_size
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return self.conv_dw.stride
+
+    @property
+    def padding(self) -> Padding:
+        return self.conv_dw.padding
+
+    @property
+    def dilation(self) -> tuple[int, ...]:
+        return self.conv_dw.dilation
+
+    @property
+    def padding_mode(self) -> str:
+        return self.conv_dw.padding_mode
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.conv_pw.bias
+
+    def extra_repr(self) -> str:
+        text = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, depth_multiplier={self.depth_multiplier}"
+        )
+        if self.padding not in (0, (0,) * len(self.kernel_size)):
+            text += f", padding={self.padding}"
+        if self.dilation != (1,) * len(self.kernel_size):
+            text += f", dilation={self.dilation}"
+        if self.groups != 1:
+            text += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            text += f", padding_mode={self.padding_mode!r}"
+        if self.bias is None:
+            text += ", bias=False"
+        return text
+
+
+class DepthwiseSeparableConv1d(DepthwiseSeparableConvNd):
+    """Depthwise-separable replacement of :class:`torch.nn.Conv1d`."""
+
+    _conv_type = nn.Conv1d
+
+
+class DepthwiseSeparableConv2d(DepthwiseSeparableConvNd):
+    """Depthwise-separable replacement of :class:`torch.nn.Conv2d`.
+
+    Example::
+
+        >>> conv = nn.Conv2d(16, 32, 3, padding=1)
+        >>> layer = DepthwiseSeparableConv2d.from_conv(conv, depth_multiplier=9)
+        >>> torch.allclose(layer(x), conv(x), atol=1e-5)  # exact at full rank
+    """
+
+    _conv_type = nn.Conv2d
+
+
+class DepthwiseSeparableConv3d(DepthwiseSeparableConvNd):
+    """Depthwise-separable replacement of :class:`torch.nn.Conv3d`."""
+
+    _conv_type = nn.Conv3d
+
+
+# Exact dense type -> separable type; subclasses of nn.Conv*d are deliberately absent.
+SEPARABLE_BY_DENSE: dict[type[nn.Module], type[DepthwiseSeparableConvNd]] = {
+    nn.Conv1d: DepthwiseSeparableConv1d,
+    nn.Conv2d: DepthwiseSeparableConv2d,
+    nn.Conv3d: DepthwiseSeparableConv3d,
+}
+
+
+def layer_arguments(conv: nn.modules.conv._ConvNd, depth_multiplier: int) -> dict[str, Any]:
+    """Return the constructor arguments of a separable layer that replaces ``conv``."""
+    return {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": conv.kernel_size,
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "groups": conv.groups,
+        "bias": conv.bias is not None,
+        "padding_mode": conv.padding_mode,
+        "depth_multiplier": depth_multiplier,
+        "device": conv.weight.device,
+        "dtype": conv.weight.dtype,
+    }
+
+
+def separable_type_for(conv: nn.Module) -> type[DepthwiseSeparableConvNd]:
+    """Return the separable layer type for a conv module of exactly Conv1d, Conv2d or Conv3d type."""
+    try:
+        return SEPARABLE_BY_DENSE[type(conv)]
+    except KeyError:
+        raise TypeError(f"no depthwise-separable form for {type(conv).__name__}") from None
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``value`` is an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r}: must be an int")
+    if value < 1:
+        raise ValueError(f"{name}={value}: must be >= 1")
+
+
+def copy_memory_format(reference: torch.Tensor, layer: nn.Module) -> None:
+    """Give ``layer`` the channels-last layout when ``reference`` has it and is not also contiguous."""
+    memory_format = {4: torch.channels_last, 5: torch.channels_last_3d}.get(reference.dim())
+    if memory_format is None or reference.is_contiguous():
+        return
+    if reference.is_contiguous(memory_format=memory_format):
+        layer.to(memory_format=memory_format)

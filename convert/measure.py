@@ -1,0 +1,150 @@
+"""Measurements of a model: parameters, MACs, checkpoint size, latency, output difference."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = [
+    "LatencyStats",
+    "OutputDifference",
+    "count_parameters",
+    "count_macs",
+    "checkpoint_size",
+    "measure_latency",
+    "compare_outputs",
+]
+
+log = logging.getLogger(__name__)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Count parameter elements; ``parameters()`` yields a shared tensor once."""
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[int, dict[str, int]]:
+    """Count multiply-accumulates of one forward pass on ``example_input``.
+
+    ``FlopCounterMode`` counts 2 FLOPs per multiply-add, so every figure here is its
+    FLOP count halved. Returns the total and a per-module breakdown keyed by
+    qualified name (``""`` for the whole model); a module called several times
+    accumulates all of its calls.
+    """
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(example_input)
+    root = type(model).__name__
+    per_module: dict[str, int] = {}
+    for key, counts in counter.get_flop_counts().items():
+        if key == "Global":
+            continue
+        name = key[len(root) + 1 :] if key.startswith(f"{root}.") else ("" if key == root else key)
+        per_module[name] = sum(counts.values()) // 2
+    return counter.get_total_flops() // 2, per_module
+
+
+def checkpoint_size(model: nn.Module) -> int:
+    """Return the size in bytes of the model's state dict saved with ``torch.save``."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+@dataclass
+class LatencyStats:
+    """Forward-pass latency from ``torch.utils.benchmark``: median and interquartile range."""
+
+    median_ms: float
+    iqr_ms: float
+    runs: int
+    device: str
+    dtype: str
+    input_shape: tuple[int, ...]
+    threads: int
+
+
+def measure_latency(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    min_run_time: float = 1.0,
+    threads: int | None = None,
+) -> LatencyStats:
+    """Time ``model(example_input)`` under ``inference_mode``, after a warm-up.
+
+    ``Timer.blocked_autorange`` synchronizes CUDA around each block, so GPU times are
+    real; the model and input must already be on the device to measure.
+    """
+    from torch.utils import benchmark  # imported here: it loads torch.utils.cpp_extension, which is slow
+
+    threads = threads or torch.get_num_threads()
+    with torch.inference_mode():
+        for _ in range(3):  # warm-up: allocator, lazy initialization, cuDNN algorithm choice
+            model(example_input)
+        timer = benchmark.Timer(
+            stmt="model(example_input)",
+            globals={"model": model, "example_input": example_input},
+            num_threads=threads,
+        )
+        measurement = timer.blocked_autorange(min_run_time=min_run_time)
+    return LatencyStats(
+        median_ms=measurement.median * 1e3,
+        iqr_ms=measurement.iqr * 1e3,
+        runs=len(measurement.times) * measurement.number_per_run,
+        device=str(example_input.device),
+        dtype=str(example_input.dtype).removeprefix("torch."),
+        input_shape=tuple(example_input.shape),
+        threads=threads,
+    )
+
+
+@dataclass
+class OutputDifference:
+    """How far the converted model's outputs moved, over all output tensors.
+
+    ``max_relative`` is the max absolute difference divided by the max absolute
+    value of the original output, so it does not blow up near zero entries.
+    """
+
+    max_absolute: float
+    max_relative: float
+    tensors: int
+
+
+def iter_tensors(value: Any) -> Iterator[torch.Tensor]:
+    """Yield the tensors in a nested output (tensors, tuples, lists, dicts, named tuples)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from iter_tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from iter_tensors(item)
+
+
+def compare_outputs(original: Any, converted: Any) -> OutputDifference:
+    """Compare two model outputs of the same structure, tensor by tensor."""
+    originals = list(iter_tensors(original))
+    converteds = list(iter_tensors(converted))
+    if len(originals) != len(converteds):
+        raise ValueError(f"the outputs hold {len(originals)} and {len(converteds)} tensors, so they cannot be compared")
+    max_absolute = 0.0
+    max_reference = 0.0
+    for before, after in zip(originals, converteds):
+        if before.shape != after.shape:
+            raise ValueError(f"output shapes differ: {tuple(before.shape)} against {tuple(after.shape)}")
+        if before.numel() == 0 or not before.is_floating_point():
+            continue
+        before, after = before.detach().double(), after.detach().double()
+        max_absolute = max(max_absolute, float((before - after).abs().max()))
+        max_reference = max(max_reference, float(before.abs().max()))
+    max_relative = max_absolute / max_reference if max_reference > 0 else (0.0 if max_absolute == 0 else float("inf"))
+    return OutputDifference(max_absolute, max_relative, len(originals))

@@ -1,0 +1,331 @@
+"""Before/after reports: data classes, how to fill them, and how to render them.
+
+Report data is plain data classes so it can go to JSON unchanged; rendering is a
+separate step that returns a string (a terminal table, GitHub Markdown or JSON).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tabulate import tabulate
+from torch import nn
+
+from .factorize import channel_spectra, truncation_error
+from .graph_pass import ConversionResult
+from .measure import (
+    LatencyStats,
+    OutputDifference,
+    checkpoint_size,
+    compare_outputs,
+    count_macs,
+    count_parameters,
+    measure_latency,
+)
+from .selection import LayerPlan, separable_parameters
+
+__all__ = [
+    "FORMATS",
+    "ConversionReport",
+    "LayerRow",
+    "ModelSummary",
+    "build_report",
+    "render_report",
+    "render_plans",
+]
+
+FORMATS = ("table", "markdown", "json")
+TABLE_FORMATS = {"table": "simple", "markdown": "github"}
+MAC_UNIT = "MACs: multiply-accumulates, FlopCounterMode FLOPs / 2"
+
+
+@dataclass
+class LayerRow:
+    """One conv in the report. ``macs_*`` is ``None`` when the sample forward did not call it."""
+
+    name: str
+    type_name: str
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    groups: int
+    requested_multiplier: int
+    depth_multiplier: int | None
+    params_before: int
+    params_after: int | None
+    macs_before: int | None
+    macs_after: int | None
+    relative_error: float | None
+    reason: str | None
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass
+class ModelSummary:
+    """Whole-model figures for one side of the comparison."""
+
+    parameters: int
+    macs: int
+    checkpoint_bytes: int
+    latency: LatencyStats | None = None
+
+
+@dataclass
+class ConversionReport:
+    """Everything a conversion changed, per layer and for the whole model."""
+
+    model: str
+    path: str
+    trace_error: str | None
+    init: str
+    input_shape: tuple[int, ...]
+    device: str
+    dtype: str
+    layers: list[LayerRow]
+    before: ModelSummary
+    after: ModelSummary
+    output_difference: OutputDifference | None
+    mac_unit: str = MAC_UNIT
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def converted(self) -> list[LayerRow]:
+        return [row for row in self.layers if row.reason is None]
+
+    @property
+    def skipped(self) -> list[LayerRow]:
+        return [row for row in self.layers if row.reason is not None]
+
+
+def summarize_model(model: nn.Module, example_input: torch.Tensor, latency: bool, min_run_time: float) -> tuple[ModelSummary, dict[str, int], object]:
+    """Measure one model; returns its summary, per-module MACs and its output on ``example_input``."""
+    macs, per_module = count_macs(model, example_input)
+    with torch.no_grad():
+        output = model(example_input)
+    stats = measure_latency(model, example_input, min_run_time=min_run_time) if latency else None
+    return ModelSummary(count_parameters(model), macs, checkpoint_size(model), stats), per_module, output
+
+
+def build_report(
+    original: nn.Module,
+    result: ConversionResult,
+    example_input: torch.Tensor,
+    *,
+    init: str = "svd",
+    latency: bool = True,
+    min_run_time: float = 1.0,
+) -> ConversionReport:
+    """Measure ``original`` and ``result.model`` on ``example_input`` and fill a report.
+
+    Both models run in their current train/eval mode; call ``.eval()`` first for
+    inference figures. Latency is skipped with ``latency=False``.
+    """
+    before, macs_before, output_before = summarize_model(original, example_input, latency, min_run_time)
+    after, macs_after, output_after = summarize_model(result.model, example_input, latency, min_run_time)
+    rows = [
+        LayerRow(
+            name=layer.plan.name,
+            type_name=layer.plan.type_name,
+            in_channels=layer.plan.in_channels,
+            out_channels=layer.plan.out_channels,
+            kernel_size=layer.plan.kernel_size,
+            stride=layer.plan.stride,
+            groups=layer.plan.groups,
+            requested_multiplier=layer.plan.requested_multiplier,
+            depth_multiplier=layer.plan.depth_multiplier,
+            params_before=layer.plan.params_before,
+            params_after=layer.plan.params_after,
+            macs_before=first_known(macs_before, layer.plan),
+            macs_after=first_known(macs_after, layer.plan) if layer.plan.converted else None,
+            relative_error=layer.relative_error,
+            reason=layer.plan.reason,
+            aliases=layer.plan.aliases,
+        )
+        for layer in result.layers
+    ]
+    notes = []
+    if not result.converted:
+        notes.append("nothing was converted: the model is returned unchanged")
+    return ConversionReport(
+        model=type(original).__name__,
+        path=result.path,
+        trace_error=result.trace_error,
+        init=init,
+        input_shape=tuple(example_input.shape),
+        device=str(example_input.device),
+        dtype=str(example_input.dtype).removeprefix("torch."),
+        layers=rows,
+        before=before,
+        after=after,
+        output_difference=compare_outputs(output_before, output_after),
+        notes=notes,
+    )
+
+
+def first_known(per_module: dict[str, int], plan: LayerPlan) -> int | None:
+    """Return the MACs recorded under any of the layer's names (the counter uses one of them)."""
+    for name in (plan.name, *plan.aliases):
+        if name in per_module:
+            return per_module[name]
+    return None
+
+
+def render_report(report: ConversionReport, fmt: str = "table") -> str:
+    """Render a report as a terminal table, GitHub Markdown or JSON."""
+    check_format(fmt)
+    if fmt == "json":
+        return json.dumps(asdict(report), indent=2)
+    table_format = TABLE_FORMATS[fmt]
+    sections = [
+        heading(f"dsconv report: {report.model}", fmt),
+        describe_run(report),
+        heading("Whole model", fmt),
+        tabulate(summary_rows(report), headers=["", "before", "after", "after / before"], tablefmt=table_format, disable_numparse=True),
+    ]
+    converted = report.converted
+    if converted:
+        sections += [
+            heading(f"Converted layers ({len(converted)})", fmt),
+            tabulate(
+                [converted_row(row) for row in converted],
+                headers=["layer", "in->out", "kernel", "stride", "K", "params before", "params after", "MACs before", "MACs after", "weight rel. error"],
+                tablefmt=table_format,
+                disable_numparse=True,
+            ),
+        ]
+    skipped = report.skipped
+    if skipped:
+        sections += [
+            heading(f"Skipped layers ({len(skipped)})", fmt),
+            tabulate(
+                [[row.name, row.type_name, f"{row.in_channels}->{row.out_channels}", kernel_text(row.kernel_size), row.reason] for row in skipped],
+                headers=["layer", "type", "in->out", "kernel", "reason"],
+                tablefmt=table_format,
+            ),
+        ]
+    sections += report.notes
+    return "\n\n".join(sections) + "\n"
+
+
+def heading(text: str, fmt: str) -> str:
+    return f"## {text}" if fmt == "markdown" else f"{text}\n{'=' * len(text)}"
+
+
+def describe_run(report: ConversionReport) -> str:
+    """Return the lines that say how the numbers were obtained."""
+    path = "torch.fx trace" if report.path == "fx" else "module swap by name"
+    lines = [
+        f"path: {path}" + (f" (tracing failed: {report.trace_error})" if report.trace_error else ""),
+        f"init: {report.init}; input: {shape_text(report.input_shape)} {report.dtype} on {report.device}",
+        f"{report.mac_unit}; latency: torch.utils.benchmark median over the runs shown, after warm-up",
+    ]
+    if report.output_difference is not None:
+        difference = report.output_difference
+        lines.append(
+            f"output difference on the sample input: max abs {difference.max_absolute:.3g}, "
+            f"max relative {difference.max_relative:.3g} (max abs difference / max abs original output)"
+        )
+    return "\n".join(lines)
+
+
+def summary_rows(report: ConversionReport) -> list[list[str]]:
+    before, after = report.before, report.after
+    rows = [
+        ["parameters", f"{before.parameters:,}", f"{after.parameters:,}", ratio(after.parameters, before.parameters)],
+        ["MACs", f"{before.macs:,}", f"{after.macs:,}", ratio(after.macs, before.macs)],
+        ["checkpoint bytes", f"{before.checkpoint_bytes:,}", f"{after.checkpoint_bytes:,}", ratio(after.checkpoint_bytes, before.checkpoint_bytes)],
+    ]
+    if before.latency is not None and after.latency is not None:
+        rows.append(["latency ms (median ± IQR)", latency_text(before.latency), latency_text(after.latency), ratio(after.latency.median_ms, before.latency.median_ms)])
+        rows.append(["latency runs / threads", f"{before.latency.runs} / {before.latency.threads}", f"{after.latency.runs} / {after.latency.threads}", ""])
+    return rows
+
+
+def converted_row(row: LayerRow) -> list[str]:
+    error = "-" if row.relative_error is None else f"{row.relative_error:.4f}"
+    multiplier = str(row.depth_multiplier)
+    if row.depth_multiplier != row.requested_multiplier:
+        multiplier += f" (asked {row.requested_multiplier})"
+    return [
+        row.name,
+        f"{row.in_channels}->{row.out_channels}",
+        kernel_text(row.kernel_size),
+        kernel_text(row.stride),
+        multiplier,
+        f"{row.params_before:,}",
+        f"{row.params_after:,}",
+        optional_count(row.macs_before),
+        optional_count(row.macs_after),
+        error,
+    ]
+
+
+def render_plans(
+    model: nn.Module,
+    plans: Sequence[LayerPlan],
+    multipliers: Sequence[int],
+    fmt: str = "table",
+    trace_error: str | None = None,
+) -> str:
+    """Render the look-before-you-convert listing: every conv, eligibility and cost per multiplier.
+
+    For each multiplier the cell shows the separable layer's parameters and its
+    relative weight error (from the singular values, nothing is converted).
+    """
+    check_format(fmt)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    records = []
+    for plan in plans:
+        conv = modules[plan.name]
+        costs = {}
+        spectrum = channel_spectra(conv.weight, conv.groups) if plan.factorable else None
+        for multiplier in multipliers:
+            used = min(multiplier, plan.full_rank)
+            error = truncation_error(spectrum, used) if spectrum is not None else None
+            costs[f"K={multiplier}"] = {"depth_multiplier": used, "params": separable_parameters(conv, used), "relative_error": error}
+        records.append({**asdict(plan), "costs": costs})
+    if fmt == "json":
+        return json.dumps({"trace_error": trace_error, "layers": records}, indent=2)
+
+    rows = []
+    for plan, record in zip(plans, records):
+        cells = [plan.name, plan.type_name, f"{plan.in_channels}->{plan.out_channels}", kernel_text(plan.kernel_size), plan.groups, f"{plan.params_before:,}", plan.full_rank]
+        for cost in record["costs"].values():
+            cells.append("-" if cost["relative_error"] is None else f"{cost['params']:,} ({cost['relative_error']:.3f})")
+        cells.append("eligible" if plan.converted else plan.reason)
+        rows.append(cells)
+    headers = ["layer", "type", "in->out", "kernel", "groups", "params", "full rank", *[f"K={k} params (error)" for k in multipliers], "status"]
+    lines = [tabulate(rows, headers=headers, tablefmt=TABLE_FORMATS[fmt], disable_numparse=True)]
+    if trace_error:
+        lines.append(f"tracing failed, so parameters read directly by forward could not be checked: {trace_error}")
+    return "\n\n".join(lines) + "\n"
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r} is not supported: choose one of {', '.join(FORMATS)}")
+
+
+def ratio(after: float, before: float) -> str:
+    return f"{after / before:.3f}" if before else "-"
+
+
+def latency_text(stats: LatencyStats) -> str:
+    return f"{stats.median_ms:.2f} ± {stats.iqr_ms:.2f}"
+
+
+def kernel_text(values: tuple[int, ...]) -> str:
+    return "x".join(str(value) for value in values)
+
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    return ",".join(str(size) for size in shape)
+
+
+def optional_count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
