@@ -76,19 +76,19 @@ def load_model(
     except PickleRejected as rejected:
         if not trust_pickle:
             raise CheckpointError(
-                f"{path} holds pickled Python objects ({rejected.detail}); loading them runs code from the file. "
+                f"{path} contains pickled Python objects ({rejected.detail}); loading them runs code from the file. "
                 "If you trust this file, pass --trust-pickle (trust_pickle=True); "
-                "if it holds a state dict, pass --arch module.path:factory instead"
+                "if it contains a state dict, pass --arch module.path:factory instead"
             ) from None
         content = read_trusted(path)
     if isinstance(content, nn.Module):
         return LoadedModel(content, "module")
     if isinstance(content, Mapping):
         raise CheckpointError(
-            f"{path} holds a state dict (a mapping of weights), not a model: pass --arch module.path:factory "
+            f"{path} contains a state dict (a mapping of weights), not a model: pass --arch module.path:factory "
             "(for example --arch torchvision.models:resnet18) to build the model it belongs to"
         )
-    raise CheckpointError(f"{path} holds a {type(content).__name__}, not an nn.Module or a state dict")
+    raise CheckpointError(f"{path} contains a {type(content).__name__}, not an nn.Module or a state dict")
 
 
 def check_readable_file(path: Path) -> None:
@@ -101,7 +101,7 @@ def check_readable_file(path: Path) -> None:
 
 
 class PickleRejected(Exception):
-    """``weights_only=True`` refused a global; ``detail`` names it."""
+    """``weights_only=True`` rejected a global; ``detail`` names it."""
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -113,7 +113,10 @@ def read_weights_only(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise PickleRejected(refused_global(error)) from error
+        refused = refused_global(error)
+        if refused is None:
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({unpickler_detail(error)})") from error
+        raise PickleRejected(f"weights_only=True rejected the global {refused}") from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, UnicodeDecodeError) as error:
         raise not_a_checkpoint(path, error) from error
 
@@ -136,18 +139,29 @@ def not_a_checkpoint(path: Path, error: BaseException) -> CheckpointError:
     return CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {first_line})")
 
 
-def refused_global(error: BaseException) -> str:
-    """Name the global that torch's weights-only unpickler refused."""
+def refused_global(error: BaseException) -> str | None:
+    """Return the global that torch's weights-only unpickler refused, if that was the failure."""
     match = re.search(r"GLOBAL ([\w.]+)", str(error))
-    if match:
-        return f"weights_only=True refused the global {match.group(1)}"
-    return "weights_only=True refused its content"
+    return match.group(1) if match else None
+
+
+def unpickler_detail(error: BaseException) -> str:
+    """Return the line of torch's weights-only error that describes the problem with the bytes."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        if line.startswith("WeightsUnpickler error:") or "Please file an issue" in line:
+            detail = line.partition("WeightsUnpickler error:")[2].strip()
+            if detail:
+                return detail
+            if index + 1 < len(lines):
+                return lines[index + 1]
+    return lines[0] if lines else type(error).__name__
 
 
 def extract_state_dict(content: Any, path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Find the state dict in a checkpoint: the mapping itself, or one nested under a usual key."""
     if not isinstance(content, Mapping):
-        raise CheckpointError(f"{path} holds a {type(content).__name__}, not a state dict; drop --arch if it is a pickled model")
+        raise CheckpointError(f"{path} contains a {type(content).__name__}, not a state dict; drop --arch if it is a pickled model")
     if content and all(isinstance(value, torch.Tensor) for value in content.values()):
         return dict(content), []
     for key in STATE_DICT_KEYS:

@@ -264,7 +264,7 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         import torchvision
     except ImportError:
-        raise DsconvError("the demo needs torchvision: pip install torchvision (or the project's [dev] extra)") from None
+        raise DsconvError("the demo needs torchvision: pip install torchvision (or the project's [demo] extra)") from None
 
     with tempfile.TemporaryDirectory(prefix="dsconv-demo-") as temporary:
         workdir = args.workdir or Path(temporary)

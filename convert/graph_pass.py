@@ -55,7 +55,7 @@ class ConversionResult:
     """The converted model and a record of every conv the pass looked at.
 
     ``path`` is ``"fx"`` when the graph was traced and ``"swap"`` when the pass fell
-    back to swapping modules by name; ``trace_error`` says in one line why tracing
+    back to swapping modules by name; ``trace_error`` gives in one line why tracing
     failed (``None`` when it did not fail or was not tried).
     """
 

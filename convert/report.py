@@ -216,7 +216,7 @@ def heading(text: str, fmt: str) -> str:
 
 
 def describe_run(report: ConversionReport) -> str:
-    """Return the lines that say how the numbers were obtained."""
+    """Return the lines that describe how the numbers were obtained."""
     path = "torch.fx trace" if report.path == "fx" else "module swap by name"
     lines = [
         f"path: {path}" + (f" (tracing failed: {report.trace_error})" if report.trace_error else ""),

@@ -1,7 +1,7 @@
 """Which convs to convert and at which depth multiplier.
 
 Every conv found in the module tree gets a :class:`LayerPlan`. A plan either has a
-depth multiplier or a ``reason`` that says, in words a user can act on, why the
+depth multiplier or a ``reason`` that explains, in words a user can act on, why the
 layer stays as it is. Nothing is dropped silently.
 """
 
