@@ -8,13 +8,15 @@ layer stays as it is. Nothing is dropped silently.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.utils import parametrize
 
+from .config import LayerSetting
+from .effective import EffectiveConv, capture_effective_conv, dense_base_type, other_hooks, weight_hooks
 from .factorize import full_rank
-from .layers import SEPARABLE_BY_DENSE, check_positive_int
+from .layers import SEPARABLE_BY_DENSE
 from .tracing import GraphUsage
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "dense_parameters",
     "separable_parameters",
     "plan_layer",
+    "SelectionOptions",
 ]
 
 
@@ -66,6 +69,9 @@ class LayerPlan:
     params_after: int | None
     reason: str | None = None
     factorable: bool = True
+    setting_source: str = "global"
+    effective: str | None = None
+    note: str | None = None
 
     @property
     def converted(self) -> bool:
@@ -104,70 +110,143 @@ def separable_parameters(conv: nn.modules.conv._ConvNd, depth_multiplier: int) -
     return depthwise + pointwise + bias
 
 
-def skip_reason(site: ConvSite, usage: GraphUsage | None) -> str | None:
-    """Return why this conv cannot be converted at all, or ``None`` if it can."""
+@dataclass
+class SelectionOptions:
+    """Switches that widen the set of convs the pass converts."""
+
+    allow_larger: bool = False
+    convert_parametrized: bool = False
+    convert_subclasses: bool = False
+
+
+def reparametrizations(conv: nn.Module) -> list[str]:
+    """Name the weight reparametrizations of ``conv``: new-style parametrizations and old hooks."""
+    names = weight_hooks(conv)
+    if parametrize.is_parametrized(conv, "weight"):
+        names += [type(item).__name__.lstrip("_") for item in conv.parametrizations["weight"]]
+    return names
+
+
+def structural_reason(
+    site: ConvSite, usage: GraphUsage | None, options: SelectionOptions
+) -> tuple[str | None, EffectiveConv | None]:
+    """Return why this conv cannot be converted at all (or ``None``), and its effective plain conv.
+
+    The effective conv is only set for reparametrized convs and subclasses that the
+    options let through; for plain convs the module itself is used.
+    """
     conv = site.module
     kind = type(conv)
     if isinstance(conv, nn.modules.conv._ConvTransposeNd):
-        return f"{kind.__name__} is a transposed conv, which has no depthwise-separable form here"
-    if kind not in SEPARABLE_BY_DENSE:
-        return (
-            f"{kind.__name__} subclasses a conv and may override forward; "
-            "only modules whose type is exactly nn.Conv1d, nn.Conv2d or nn.Conv3d are converted"
-        )
-    if conv.groups == conv.in_channels and conv.groups > 1:
-        return "already depthwise (groups == in_channels)"
-    if math.prod(conv.kernel_size) == 1:
-        return "kernel is 1x1: already a pointwise conv"
+        return f"{kind.__name__} is a transposed conv, which has no depthwise-separable form here", None
+
+    effective = None
+    reparametrized = reparametrizations(conv)
+    if reparametrized:
+        what = ", ".join(reparametrized)
+        if not options.convert_parametrized:
+            return (
+                f"its weight is reparametrized ({what}); pass convert_parametrized=True "
+                "(--convert-parametrized) to convert its current effective weight"
+            ), None
+        effective, failure = capture_effective_conv(conv)
+        if effective is None:
+            return f"its weight is reparametrized ({what}) and {failure}", None
+    elif dense_base_type(conv) is None:
+        parent = next((base.__name__ for base in kind.__mro__ if base in SEPARABLE_BY_DENSE), "a conv")
+        if not options.convert_subclasses:
+            return (
+                f"{kind.__name__} subclasses {parent} and may override forward; pass convert_subclasses=True "
+                "(--convert-subclasses) to convert it when its output is that of a single conv"
+            ), None
+        effective, failure = capture_effective_conv(conv)
+        if effective is None:
+            return f"{kind.__name__} cannot be converted exactly: {failure}", None
+
+    hooks = other_hooks(conv)
+    if hooks:
+        return f"it has {hooks} forward hook(s), which a replacement module would drop", None
+    geometry = effective.conv if effective is not None else conv
+    if geometry.groups == geometry.in_channels and geometry.groups > 1:
+        return "already depthwise (groups == in_channels)", None
+    if math.prod(geometry.kernel_size) == 1:
+        return "kernel is 1x1: already a pointwise conv", None
     if usage is not None:
         reads = usage.reads_under(site.names)
         if reads:
-            return f"its parameters are read directly by the forward ({', '.join(reads)}), so the module cannot be swapped"
-    return None
+            return f"its parameters are read directly by the forward ({', '.join(reads)}), so the module cannot be swapped", None
+    return None, effective
 
 
 def plan_layer(
     site: ConvSite,
-    depth_multiplier: int,
+    setting: LayerSetting,
     usage: GraphUsage | None,
-    allow_larger: bool = False,
-) -> LayerPlan:
-    """Decide whether and at which multiplier to convert one conv."""
-    check_positive_int("depth_multiplier", depth_multiplier)
-    conv = site.module
-    rank = full_rank(conv.out_channels, conv.kernel_size, conv.groups)
-    multiplier = min(depth_multiplier, rank)
-    before = dense_parameters(conv)
-    after = separable_parameters(conv, multiplier)
+    options: SelectionOptions | None = None,
+    setting_source: str = "global",
+) -> tuple[LayerPlan, EffectiveConv | None]:
+    """Decide whether and at which multiplier to convert one conv.
 
-    reason = skip_reason(site, usage)
+    ``setting`` is the depth multiplier from the config, or ``None`` to leave the
+    layer alone; ``setting_source`` names the config rule it came from.
+    """
+    options = options or SelectionOptions()
+    conv = site.module
+    reason, effective = structural_reason(site, usage, options)
+    geometry = effective.conv if effective is not None else conv
+    rank = full_rank(geometry.out_channels, geometry.kernel_size, geometry.groups)
+    requested = setting if setting is not None else 0
+    multiplier = min(requested, rank)
+    before = dense_parameters(geometry)
+    after = separable_parameters(geometry, multiplier)
+
     factorable = reason is None
-    if factorable and after > before and not allow_larger:
+    if setting is None:
+        reason = f"left alone by the config ({setting_source})"
+    elif factorable and after > before and not options.allow_larger:
         reason = (
             f"at depth multiplier {multiplier} the separable form has {after:,} parameters, "
             f"more than the dense conv's {before:,}; pass allow_larger=True (--allow-larger) to convert anyway"
         )
     converted = reason is None
-    return LayerPlan(
+
+    note = None
+    if usage is not None:
+        untraced = usage.unchecked_by(site.names)
+        if untraced is not None:
+            where = f"module {untraced!r}" if untraced else "the model's forward"
+            note = f"direct reads of its parameters were not checked because {where} could not be traced"
+    plan = LayerPlan(
         name=site.name,
         aliases=site.aliases,
         type_name=type(conv).__name__,
-        in_channels=conv.in_channels,
-        out_channels=conv.out_channels,
-        kernel_size=tuple(conv.kernel_size),
-        stride=tuple(conv.stride),
-        groups=conv.groups,
-        bias=conv.bias is not None,
+        in_channels=geometry.in_channels,
+        out_channels=geometry.out_channels,
+        kernel_size=tuple(geometry.kernel_size),
+        stride=tuple(geometry.stride),
+        groups=geometry.groups,
+        bias=geometry.bias is not None,
         full_rank=rank,
-        requested_multiplier=depth_multiplier,
+        requested_multiplier=requested,
         depth_multiplier=multiplier if converted else None,
         params_before=before,
         params_after=after if converted else None,
         reason=reason,
         factorable=factorable,
+        setting_source=setting_source,
+        effective=describe_effective(conv, effective),
+        note=note,
     )
+    return plan, effective if converted else None
 
 
-def iter_converted(plans: list[LayerPlan]) -> Iterator[LayerPlan]:
-    """Yield the plans of the layers that will be converted."""
-    return (plan for plan in plans if plan.converted)
+def describe_effective(conv: nn.Module, effective: EffectiveConv | None) -> str | None:
+    """Say what was converted in place of the module's own weight, for the report."""
+    if effective is None:
+        return None
+    text = f"effective weight of {type(conv).__name__}"
+    if reparametrizations(conv):
+        text += f" ({', '.join(reparametrizations(conv))})"
+    if effective.same_padding:
+        text += ", with dynamic 'same' padding"
+    return text

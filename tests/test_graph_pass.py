@@ -162,8 +162,8 @@ def test_subclass_skipped_with_reason():
     model = nn.Sequential(StdConv2d(4, 8, 3))
     result = run_conversion(model)
     assert result.layers[0].plan.reason == (
-        "StdConv2d subclasses a conv and may override forward; "
-        "only modules whose type is exactly nn.Conv1d, nn.Conv2d or nn.Conv3d are converted"
+        "StdConv2d subclasses Conv2d and may override forward; pass convert_subclasses=True "
+        "(--convert-subclasses) to convert it when its output is that of a single conv"
     )
     assert type(result.model[0]) is StdConv2d
 
