@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import __version__
+from .config import load_config
 from .checkpoint import LoadedModel, load_model, parse_factory_arguments, save_model, write_text
-from .errors import ConversionError, DsconvError
+from .errors import ConversionError, DsconvError, UsageError
 from .factorize import INIT_METHODS
 from .graph_pass import TRACING_MODES, inspect_model, run_conversion
 from .report import FORMATS, build_report, render_plans, render_report
@@ -83,9 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="list every conv, whether it is eligible, and what each multiplier costs")
     add_input_arguments(inspect)
+    add_selection_arguments(inspect)
     inspect.add_argument("--multipliers", type=parse_multipliers, default=(1, 2, 4), metavar="K,K,...", help="depth multipliers to price (default: 1,2,4)")
-    inspect.add_argument("--allow-larger", action="store_true", help="count layers that would grow as eligible")
-    inspect.add_argument("--tracing", choices=TRACING_MODES, default="auto", help="tracing mode, as for convert")
     inspect.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
     inspect.set_defaults(handler=run_inspect)
 
@@ -109,12 +111,62 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-pickle", action="store_true", help="allow unpickling a whole module; this runs code from INPUT, so only use it on files you trust")
 
 
-def add_conversion_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("conversion")
+def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags that decide which convs are converted and at which multiplier."""
+    group = parser.add_argument_group("layer selection")
     group.add_argument("--depth-multiplier", "-k", type=parse_positive_int, default=1, metavar="K", help="depthwise filters per input channel (default: 1); lowered per layer to its full rank")
-    group.add_argument("--init", choices=INIT_METHODS, default="svd", help="svd: factor the trained weights (default); random: PyTorch's default init")
+    group.add_argument("--config", type=Path, metavar="FILE", help="JSON per-layer settings: global, module_type, name_pattern, name; a multiplier or null to leave a layer alone")
     group.add_argument("--allow-larger", action="store_true", help="also convert layers whose separable form has more parameters than the original")
-    group.add_argument("--tracing", choices=TRACING_MODES, default="auto", help="auto: trace with torch.fx, fall back to swapping by name; fx: fail if tracing fails; swap: do not trace")
+    group.add_argument("--convert-parametrized", action="store_true", help="convert convs with weight_norm/spectral_norm from their current effective weight")
+    group.add_argument("--convert-subclasses", action="store_true", help="convert nn.Conv*d subclasses whose output is that of one conv (checked on random inputs)")
+
+    tracing = parser.add_argument_group("tracing")
+    tracing.add_argument("--tracing", choices=TRACING_MODES, default="auto", help="auto: trace with torch.fx, fall back to swapping by name; fx: fail if tracing fails; swap: do not trace")
+    tracing.add_argument("--leaf-module", action="append", default=[], metavar="NAME", help="qualified module name for the tracer to keep as one call (repeatable)")
+    tracing.add_argument("--leaf-type", action="append", default=[], metavar="MODULE:CLASS", help="module class for the tracer to keep as one call, e.g. my_project.blocks:Attention (repeatable)")
+    tracing.add_argument("--autowrap", action="append", default=[], metavar="MODULE:FUNCTION", help="function for the tracer to record as one call instead of tracing into (repeatable)")
+
+
+def add_conversion_arguments(parser: argparse.ArgumentParser) -> None:
+    add_selection_arguments(parser)
+    group = parser.add_argument_group("initialization")
+    group.add_argument("--init", choices=INIT_METHODS, default="svd", help="svd: factor the trained weights (default); random: PyTorch's default init")
+
+
+def selection_keywords(args: argparse.Namespace) -> dict[str, Any]:
+    """Turn the selection and tracing flags into keyword arguments of the conversion pass."""
+    leaf_types = tuple(import_object(spec, "--leaf-type") for spec in args.leaf_type)
+    for spec, value in zip(args.leaf_type, leaf_types):
+        if not (isinstance(value, type) and issubclass(value, nn.Module)):
+            raise DsconvError(f"--leaf-type {spec!r} is not an nn.Module class")
+    functions = tuple(import_object(spec, "--autowrap") for spec in args.autowrap)
+    for spec, value in zip(args.autowrap, functions):
+        if not callable(value):
+            raise DsconvError(f"--autowrap {spec!r} is not a function")
+    return {
+        "depth_multiplier": args.depth_multiplier,
+        "config": load_config(args.config) if args.config is not None else None,
+        "allow_larger": args.allow_larger,
+        "convert_parametrized": args.convert_parametrized,
+        "convert_subclasses": args.convert_subclasses,
+        "tracing": args.tracing,
+        "leaf_modules": (*args.leaf_module, *leaf_types),
+        "autowrap_functions": functions,
+    }
+
+
+def import_object(spec: str, flag: str) -> Any:
+    """Import ``"package.module:name"``."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise DsconvError(f"{flag} {spec!r} is not of the form module.path:name")
+    try:
+        value: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            value = getattr(value, part)
+    except (ImportError, AttributeError) as error:
+        raise DsconvError(f"{flag} {spec!r} cannot be imported: {error}") from None
+    return value
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
@@ -202,13 +254,9 @@ def convert_and_report(args: argparse.Namespace) -> tuple[nn.Module, str]:
     model.eval()
 
     try:
-        result = run_conversion(
-            model,
-            depth_multiplier=args.depth_multiplier,
-            init=args.init,
-            allow_larger=args.allow_larger,
-            tracing=args.tracing,
-        )
+        result = run_conversion(model, init=args.init, **selection_keywords(args))
+    except UsageError:
+        raise
     except ValueError as error:
         raise ConversionError(str(error)) from error
 
@@ -254,7 +302,12 @@ def emit_report(text: str, args: argparse.Namespace) -> None:
 
 def run_inspect(args: argparse.Namespace) -> int:
     model = load_input(args).model
-    plans, trace_error = inspect_model(model, allow_larger=args.allow_larger, tracing=args.tracing)
+    try:
+        plans, trace_error = inspect_model(model, **selection_keywords(args))
+    except UsageError:
+        raise
+    except ValueError as error:
+        raise ConversionError(str(error)) from error
     sys.stdout.write(render_plans(model, plans, args.multipliers, args.format, trace_error))
     return EXIT_OK
 

@@ -62,6 +62,9 @@ class LayerRow:
     relative_error: float | None
     reason: str | None
     aliases: tuple[str, ...] = ()
+    setting_source: str = "depth_multiplier"
+    effective: str | None = None
+    note: str | None = None
 
 
 @dataclass
@@ -144,6 +147,9 @@ def build_report(
             relative_error=layer.relative_error,
             reason=layer.plan.reason,
             aliases=layer.plan.aliases,
+            setting_source=layer.plan.setting_source,
+            effective=layer.plan.effective,
+            note=layer.plan.note,
         )
         for layer in result.layers
     ]
@@ -207,8 +213,28 @@ def render_report(report: ConversionReport, fmt: str = "table") -> str:
                 tablefmt=table_format,
             ),
         ]
-    sections += report.notes
+    sections += layer_notes(report.layers) + report.notes
     return "\n\n".join(sections) + "\n"
+
+
+def layer_notes(rows: list[LayerRow]) -> list[str]:
+    """Return one line per distinct per-layer note, and per converted effective weight."""
+    lines = []
+    notes: dict[str, list[str]] = {}
+    for row in rows:
+        if row.note:
+            notes.setdefault(row.note, []).append(row.name or "(model)")
+    for note, names in notes.items():
+        lines.append(f"note: {len(names)} layer(s) ({shorten_names(names)}): {note}")
+    for row in rows:
+        if row.effective and row.reason is None:
+            lines.append(f"note: {row.name or '(model)'} was converted from the {row.effective}")
+    return lines
+
+
+def shorten_names(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def heading(text: str, fmt: str) -> str:
@@ -217,7 +243,7 @@ def heading(text: str, fmt: str) -> str:
 
 def describe_run(report: ConversionReport) -> str:
     """Return the lines that describe how the numbers were obtained."""
-    path = "torch.fx trace" if report.path == "fx" else "module swap by name"
+    path = "torch.fx trace" if report.path == "fx" else "module swap by qualified name"
     lines = [
         f"path: {path}" + (f" (tracing failed: {report.trace_error})" if report.trace_error else ""),
         f"init: {report.init}; input: {shape_text(report.input_shape)} {report.dtype} on {report.device}",
@@ -249,7 +275,7 @@ def converted_row(row: LayerRow) -> list[str]:
     error = "-" if row.relative_error is None else f"{row.relative_error:.4f}"
     multiplier = str(row.depth_multiplier)
     if row.depth_multiplier != row.requested_multiplier:
-        multiplier += f" (asked {row.requested_multiplier})"
+        multiplier += f" (requested {row.requested_multiplier})"
     return [
         row.name,
         f"{row.in_channels}->{row.out_channels}",
@@ -277,6 +303,8 @@ def render_plans(
     relative weight error (from the singular values, nothing is converted).
     """
     check_format(fmt)
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module  # plan names omit the wrapper's "module." prefix
     modules = dict(model.named_modules(remove_duplicate=False))
     records = []
     for plan in plans:
@@ -293,12 +321,13 @@ def render_plans(
 
     rows = []
     for plan, record in zip(plans, records):
-        cells = [plan.name, plan.type_name, f"{plan.in_channels}->{plan.out_channels}", kernel_text(plan.kernel_size), plan.groups, f"{plan.params_before:,}", plan.full_rank]
+        planned = "-" if plan.depth_multiplier is None else f"{plan.depth_multiplier} ({plan.setting_source})"
+        cells = [plan.name, plan.type_name, f"{plan.in_channels}->{plan.out_channels}", kernel_text(plan.kernel_size), plan.groups, f"{plan.params_before:,}", plan.full_rank, planned]
         for cost in record["costs"].values():
             cells.append("-" if cost["relative_error"] is None else f"{cost['params']:,} ({cost['relative_error']:.3f})")
         cells.append("eligible" if plan.converted else plan.reason)
         rows.append(cells)
-    headers = ["layer", "type", "in->out", "kernel", "groups", "params", "full rank", *[f"K={k} params (error)" for k in multipliers], "status"]
+    headers = ["layer", "type", "in->out", "kernel", "groups", "params", "full rank", "planned K (rule)", *[f"K={k} params (error)" for k in multipliers], "status"]
     lines = [tabulate(rows, headers=headers, tablefmt=TABLE_FORMATS[fmt], disable_numparse=True)]
     if trace_error:
         lines.append(f"tracing failed, so parameters read directly by forward could not be checked: {trace_error}")

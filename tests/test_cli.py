@@ -215,3 +215,42 @@ def test_demo_runs(tmp_path):
     assert completed.returncode == 0, completed.stderr
     assert "Converted layers (17)" in completed.stdout
     assert (tmp_path / "resnet18_dsconv.pt").exists()
+
+
+def test_config_file_and_selection_flags(checkpoints, tmp_path):
+    config = tmp_path / "layers.json"
+    config.write_text(json.dumps({"global": 2, "name_pattern": {"layer4\\..*": None}, "name": {"conv1": 4}}))
+    completed = run_cli(
+        "report", str(checkpoints["state_dict"]), "--arch", "torchvision.models:resnet18", "--arch-arg", "num_classes=10",
+        "--config", str(config), "--format", "json", "--leaf-type", "torchvision.models.resnet:BasicBlock", *FAST,
+    )
+    assert completed.returncode == 0, completed.stderr
+    layers = {row["name"]: row for row in json.loads(completed.stdout)["layers"]}
+    assert layers["conv1"]["depth_multiplier"] == 4
+    assert layers["conv1"]["setting_source"] == "name 'conv1'"
+    assert layers["layer1.0.conv1"]["depth_multiplier"] == 2
+    assert layers["layer4.0.conv1"]["reason"] == "left alone by the config (name pattern 'layer4\\\\..*')"
+
+
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (["--config", "{missing}"], "config file {missing} not found"),
+        (["--config", "{bad}"], "config entry 'conv1': depth_multiplier=0: must be >= 1"),
+        (["--config", "{unknown}"], "the config names layers that are not convs of this model: conv9; list the convs"),
+        (["--leaf-type", "torchvision.models.resnet:nothing"], "--leaf-type 'torchvision.models.resnet:nothing' cannot be imported"),
+        (["--leaf-type", "torchvision.models:resnet18"], "--leaf-type 'torchvision.models:resnet18' is not an nn.Module class"),
+        (["--autowrap", "math"], "--autowrap 'math' is not of the form module.path:name"),
+    ],
+    ids=["config-missing", "config-bad-value", "config-unknown-layer", "leaf-type-missing", "leaf-type-function", "autowrap-form"],
+)
+def test_bad_selection_flags(checkpoints, tmp_path, arguments, message):
+    files = {"missing": tmp_path / "missing.json", "bad": tmp_path / "bad.json", "unknown": tmp_path / "unknown.json"}
+    files["bad"].write_text(json.dumps({"name": {"conv1": 0}}))
+    files["unknown"].write_text(json.dumps({"name": {"conv9": 1}}))
+    arguments = [argument.format(**files) for argument in arguments]
+    output = tmp_path / "out.pt"
+    completed = run_cli("convert", str(checkpoints["module"]), "--trust-pickle", "-o", str(output), *arguments, *FAST)
+    assert completed.returncode == 2, completed.stderr
+    assert message.format(**files) in completed.stderr
+    assert not output.exists()
