@@ -376,7 +376,7 @@ def build_replacement(
 def swap_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
     """Set each qualified name in ``model`` to its replacement; returns the new root.
 
-    The empty name stands for ``model`` itself, which is then replaced as a whole.
+    The empty name is ``model`` itself, which is then replaced as a whole.
     """
     for name, module in replacements.items():
         if not name:

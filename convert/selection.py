@@ -1,4 +1,4 @@
-"""Which convs to convert and at which depth multiplier.
+"""Layer selection: the convs to convert and the depth multiplier of each.
 
 Every conv found in the module tree gets a :class:`LayerPlan`. A plan either has a
 depth multiplier or a ``reason`` that explains, in words a user can act on, why the
@@ -48,9 +48,13 @@ class LayerPlan:
     """The decision for one conv, before any weight is factored.
 
     ``depth_multiplier`` is the multiplier that will be used (already lowered to the
-    full rank), ``requested_multiplier`` the one asked for, and ``reason`` is set
-    exactly when the layer is skipped. ``factorable`` is true when nothing but size
-    stands in the way, so costs at other multipliers can still be shown.
+    full rank), ``requested_multiplier`` the one requested (0 when the config leaves
+    the layer alone), and ``reason`` is set exactly when the layer is skipped.
+    ``factorable`` is true when nothing but size or the config blocks the conversion,
+    so costs at other multipliers can still be shown. ``setting_source`` names the
+    config rule that set the multiplier, ``effective`` describes what was factored
+    when it is not the module's own weight, and ``note`` flags a check that could not
+    be made.
     """
 
     name: str

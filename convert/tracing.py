@@ -1,4 +1,4 @@
-"""Tracing with torch.fx, and what a traced graph tells about each conv.
+"""Tracing with torch.fx, and what a traced graph reveals about each conv.
 
 The graph is used for two things: to find convs whose parameters are read
 directly (``F.conv2d(x, self.conv.weight)``), which must not be replaced, and to

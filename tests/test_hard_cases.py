@@ -575,3 +575,21 @@ def test_converted_model_pickles_with_parametrized_and_hooks_removed():
     converted = convert_model(model, convert_parametrized=True)
     restored = pickle.loads(pickle.dumps(converted))
     assert isinstance(restored[0], DepthwiseSeparableConv2d)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_converts_on_cuda(dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = conv_stack().eval()
+    low = copy.deepcopy(model).to(device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+    result = run_conversion(low, **FULL)
+    layer = result.model[0]
+    assert layer.conv_dw.weight.is_cuda
+    assert layer.conv_dw.weight.dtype == dtype
+    assert layer.conv_dw.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 6, 6)
+    tolerance = {torch.float16: 2e-2, torch.bfloat16: 8e-2}[dtype]
+    actual = result.model(x.to(device="cuda", dtype=dtype)).float().cpu()
+    torch.testing.assert_close(actual, model(x), rtol=tolerance, atol=tolerance)
