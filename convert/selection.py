@@ -48,6 +48,9 @@ class LayerPlan:
     full rank), ``requested_multiplier`` the one asked for, and ``reason`` is set
     exactly when the layer is skipped. ``factorable`` is true when nothing but size
     stands in the way, so costs at other multipliers can still be shown.
+    ``rank_rule`` names the rule that chose the multiplier (see :mod:`convert.ranks`);
+    ``dense_ms`` and ``separable_ms`` are the per-layer forward times when
+    latency-aware selection timed the layer.
     """
 
     name: str
@@ -66,6 +69,9 @@ class LayerPlan:
     params_after: int | None
     reason: str | None = None
     factorable: bool = True
+    rank_rule: str = "fixed"
+    dense_ms: float | None = None
+    separable_ms: float | None = None
 
     @property
     def converted(self) -> bool:
