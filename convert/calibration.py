@@ -13,8 +13,8 @@ calibration batches:
    "Accelerating Very Deep Convolutional Networks for Classification and
    Detection", 2015). Its solution is the rank-K truncated SVD of ``M* L``, where
    ``M* = W_c E[p q^T] E[q q^T]^-1`` and ``L`` is the Cholesky factor of
-   ``E[q q^T]`` (the whitening step); the depthwise filters are the top right
-   singular vectors mapped back through ``L^-1``.
+   ``E[q q^T]``: this is the whitening step. The depthwise filters are the top
+   right singular vectors mapped back through ``L^-1``.
 2. Pointwise weights and bias. With those depthwise filters fixed, the pointwise
    conv is a linear map from the depthwise outputs ``h`` to the original layer's
    outputs ``y``, solved by ridge least squares from ``E[h h^T]`` and ``E[y h^T]``
@@ -32,17 +32,20 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import ConversionError
+from .checkpoint import PickleRejected, check_readable_file, read_weights_only
+from .errors import CheckpointError, ConversionError, UsageError
 from .factorize import Factors, channel_matrices, factorize_weight
 from .layers import DepthwiseSeparableConvNd, separable_type_for
 from .selection import ConvSite, LayerPlan
@@ -52,6 +55,7 @@ __all__ = [
     "CalibrationData",
     "LayerFit",
     "fit_layers",
+    "load_calibration_batches",
     "measure_output_errors",
     "output_spectra",
 ]
@@ -70,7 +74,7 @@ class CalibrationData:
     """Calibration batches, validated, iterated as input tensors on the model's device.
 
     ``data`` is a tensor (one batch) or a re-iterable collection of batches, such
-    as a list or a ``DataLoader``; a batch is a tensor or a tuple/list whose first
+    as a list or a ``DataLoader``. A batch is a tensor or a tuple/list whose first
     item is the input tensor. One-shot iterators (generators) are rejected, because
     the fit reads the data several times.
     """
@@ -97,13 +101,45 @@ class CalibrationData:
             empty = False
             yield batch_input(batch, index).to(self.device)
         if empty:
-            raise ValueError("calibration_data contains no batches")
+            raise UsageError("calibration_data contains no batches")
 
     def __len__(self) -> int:
         try:
             return len(self.data)  # type: ignore[arg-type]
         except TypeError:
             return 0
+
+
+def load_calibration_batches(path: str | os.PathLike[str]) -> list[torch.Tensor]:
+    """Read calibration batches saved with ``torch.save``: a tensor (one batch) or a list/tuple of tensors.
+
+    The file is read with ``weights_only=True`` on the CPU. Raises
+    :class:`CheckpointError` naming the file when it cannot be read or contains
+    anything else.
+    """
+    path = Path(path)
+    check_readable_file(path)
+    try:
+        content = read_weights_only(path)
+    except PickleRejected as rejected:
+        raise CheckpointError(
+            f"calibration file {path} contains pickled Python objects ({rejected.detail}); "
+            "save a tensor or a list of tensors with torch.save"
+        ) from None
+    if isinstance(content, torch.Tensor):
+        content = [content]
+    if not isinstance(content, (list, tuple)) or not content:
+        if isinstance(content, (list, tuple)):
+            kind = f"an empty {type(content).__name__}"
+        elif isinstance(content, Mapping):
+            kind = f"a mapping ({type(content).__name__}), such as a state dict"
+        else:
+            kind = f"an object of type {type(content).__name__}"
+        raise CheckpointError(f"calibration file {path} contains {kind}: save a tensor or a non-empty list of tensors with torch.save")
+    for index, batch in enumerate(content):
+        if not isinstance(batch, torch.Tensor):
+            raise CheckpointError(f"calibration file {path}: item {index} is of type {type(batch).__name__}, not a tensor")
+    return list(content)
 
 
 def batch_input(batch: object, index: int) -> torch.Tensor:
@@ -120,7 +156,7 @@ def batch_input(batch: object, index: int) -> torch.Tensor:
 
 @dataclass
 class LayerFit:
-    """What data-aware fitting (or measuring) found for one layer.
+    """Result of the data-aware fit, or of measuring with calibration data, for one layer.
 
     Errors are relative output errors on the calibration data,
     ``sqrt(sum ||y - y_hat||^2 / sum ||y||^2)`` with ``y`` the original layer's
@@ -171,7 +207,7 @@ class LayerTap:
 
 
 def run_forward(model: nn.Module, batch: torch.Tensor) -> None:
-    """Run ``model`` on ``batch`` without gradients, stopping early if a tap asks to."""
+    """Run ``model`` on ``batch`` without gradients, stopping early when a tap raises :class:`StopForward`."""
     try:
         with torch.no_grad():
             model(batch)
@@ -198,7 +234,7 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def patch_extractor(conv: nn.modules.conv._ConvNd) -> nn.modules.conv._ConvNd:
-    """Build a depthwise conv whose outputs are the input patches that ``conv`` sees.
+    """Build a depthwise conv whose outputs are the input patches that ``conv`` reads.
 
     It has one one-hot filter per kernel position and channel, and ``conv``'s
     stride, padding, dilation and padding mode, so it works for 1d, 2d and 3d convs
@@ -603,9 +639,9 @@ def output_spectra(
     """Return each conv's per-channel singular values weighted by its inputs on ``data``, shape ``(C_in, rank)``.
 
     For channel ``c`` these are the singular values of ``W_c L_c``, where
-    ``L_c L_c^T = E[p p^T]`` over the channel's input patches, so the values
-    dropped at K add up to that channel's expected squared output error at K (the
-    weight-SVD spectra measure the weight error instead). A channel whose input is
+    ``L_c L_c^T = E[p p^T]`` over the channel's input patches. The squares of the
+    values dropped at K add up to that channel's expected squared output error at
+    K, where the weight-SVD spectra measure the weight error instead. A channel whose input is
     always zero gets zeros. Convs that never run on ``data`` are absent.
     """
     modes = remember_modes(model)
@@ -644,7 +680,7 @@ def measure_output_errors(
 ) -> dict[str, float]:
     """Return each layer's relative output error on ``data`` in one pass over both models.
 
-    ``layers`` holds ``(name, original module, converted module)``. The error pairs
+    ``layers`` contains ``(name, original module, converted module)`` tuples. The error pairs
     the original layer's output in ``reference`` with the converted layer's output in
     ``converted``, call by call, so it includes what earlier layers changed.
     """

@@ -19,7 +19,7 @@ import torch.fx
 from torch import nn
 
 from .calibration import CalibrationData, PlannedLayer, fit_layers, measure_output_errors, model_device, output_spectra
-from .errors import ConversionError
+from .errors import ConversionError, UsageError
 from .factorize import INIT_METHODS, factorize_weight
 from .layer_timing import keep_faster_layers
 from .layers import DepthwiseSeparableConvNd, check_positive_int, separable_type_for
@@ -51,9 +51,9 @@ class LayerResult:
 
     ``relative_error`` is the weight error ``||W - W_new||_F / ||W||_F``. With
     calibration data, ``output_error`` is the relative output error on it (see
-    :class:`convert.calibration.LayerFit`); with ``init="data"``,
+    :class:`convert.calibration.LayerFit`). With ``init="data"``,
     ``svd_output_error`` is the weight-SVD layer's error on the same inputs and
-    ``init`` says which of the two was kept. ``note`` explains an unusual outcome.
+    ``init`` names the one of the two that was kept. ``note`` explains an unusual outcome.
     """
 
     plan: LayerPlan
@@ -123,7 +123,7 @@ def run_conversion(
     if init not in PASS_INIT_METHODS:
         raise ValueError(f"init={init!r} is not supported: choose one of {', '.join(PASS_INIT_METHODS)}")
     if init == "data" and calibration_data is None:
-        raise ValueError("init='data' needs calibration_data=: a tensor, or a list or DataLoader of input batches")
+        raise UsageError("init='data' needs calibration_data=: a tensor, or a list or DataLoader of input batches")
     rank_settings = RankSettings(rank, depth_multiplier, energy, budget, budget_on, allow_larger)
     latency = LatencySettings.checked(latency_aware, latency_device, latency_time)
     check_example_input(example_input, rank_settings, latency)
@@ -138,7 +138,9 @@ def run_conversion(
     started = time.perf_counter()
     target = model if inplace else copy.deepcopy(model)
     # calibration compares against the unconverted model, which in place needs its own copy
-    reference = (copy.deepcopy(model) if inplace else model) if calibration is not None else None
+    reference = None
+    if calibration is not None:
+        reference = copy.deepcopy(model) if inplace else model
     seconds["copy"] = time.perf_counter() - started
 
     if isinstance(target, nn.modules.conv._ConvNd):
@@ -214,11 +216,14 @@ def convert_model(
 ) -> nn.Module:
     """Replace each eligible conv of ``model`` with a depthwise-separable pair.
 
-    The steps run in this order: plan every conv (skip reasons such as 1x1 kernels
-    or parameters read directly by ``forward``), choose K for the eligible ones
-    (``rank``), keep dense any layer whose separable form would be larger (unless
-    ``allow_larger``), keep dense any layer that is not faster
-    (``latency_aware``), then build the layers (``init``) and swap them in.
+    The steps run in this order:
+
+    1. plan every conv, skipping for example 1x1 kernels and convs whose
+       parameters ``forward`` reads directly;
+    2. choose K for the eligible ones (``rank``), keeping dense any layer whose
+       separable form would be larger, unless ``allow_larger``;
+    3. keep dense any layer that is not faster (``latency_aware``);
+    4. build the layers (``init``) and swap them in.
 
     Args:
         model: the model to convert. It is copied first unless ``inplace=True``.
@@ -351,14 +356,14 @@ class LatencySettings:
             raise TypeError(f"latency_aware={enabled!r}: must be True or False")
         if not enabled:
             if device is not None:
-                raise ValueError(f"latency_device={device!r} is only used with latency_aware=True")
+                raise UsageError(f"latency_device={device!r} is only used with latency_aware=True (--latency-aware)")
             if min_run_time is not None:
-                raise ValueError(f"latency_time={min_run_time!r} is only used with latency_aware=True")
+                raise UsageError(f"latency_time={min_run_time!r} (--layer-latency-time) is only used with latency_aware=True (--latency-aware)")
             return cls()
         if min_run_time is None:
             return cls(True, device)
         if isinstance(min_run_time, bool) or not isinstance(min_run_time, (int, float)) or not min_run_time > 0:
-            raise ValueError(f"latency_time={min_run_time!r}: must be a number of seconds greater than 0")
+            raise UsageError(f"latency_time={min_run_time!r}: must be a number of seconds greater than 0")
         return cls(True, device, float(min_run_time))
 
 
@@ -368,12 +373,12 @@ def check_example_input(example_input: torch.Tensor | None, ranks: RankSettings,
     if example_input is None:
         if needed:
             what = "latency_aware=True" if latency.enabled else "budget_on='macs'"
-            raise ValueError(f"{what} needs example_input=, a tensor shaped like the model's input")
+            raise UsageError(f"{what} needs example_input=, a tensor shaped like the model's input")
         return
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input is a {type(example_input).__name__}: pass a tensor shaped like the model's input")
     if not needed:
-        raise ValueError("example_input= is only used by rank='budget' with budget_on='macs' and by latency_aware=True")
+        raise UsageError("example_input= is only used by rank='budget' with budget_on='macs' and by latency_aware=True")
 
 
 def choose_ranks(

@@ -2,10 +2,10 @@
 
 Depthwise convs often run slower per FLOP than dense ones, and a large depth
 multiplier can make the separable pair slower than the conv it replaces even
-with fewer MACs. This step runs after K has been chosen: it captures each planned
-conv's input on an example input, times the dense conv and its separable
-replacement on the requested device, and keeps the layer dense unless the
-separable form has the lower median time. It can only keep more layers dense, so
+with fewer MACs. This step runs after K has been chosen. It captures each planned
+conv's input on an example input and times the dense conv and its separable
+replacement on the requested device. The layer stays dense unless the separable
+form has the lower median time. It can only keep more layers dense, so
 under a budget it can raise the parameter count above the target.
 """
 
@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .errors import UsageError
 from .layers import separable_type_for
 from .measure import measure_latency
 from .selection import LayerPlan
@@ -38,9 +39,9 @@ def resolve_timing_device(device: str | torch.device | None, example_input: torc
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
-        raise ValueError(f"latency_device={device!r} is not a device: use 'cpu', 'cuda' or 'cuda:N'") from error
+        raise UsageError(f"latency_device={device!r} is not a device: use 'cpu', 'cuda' or 'cuda:N'") from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"latency_device={device!r}: no CUDA device is available; use 'cpu'")
+        raise UsageError(f"latency_device={device!r}: no CUDA device is available; use 'cpu'")
     return resolved
 
 
@@ -106,7 +107,7 @@ def keep_faster_layers(
     reason. ``timer`` measures one layer; the default uses ``torch.utils.benchmark``.
     """
     if not min_run_time > 0:
-        raise ValueError(f"latency_time={min_run_time}: must be greater than 0 seconds")
+        raise UsageError(f"latency_time={min_run_time}: must be greater than 0 seconds")
     timing_device = resolve_timing_device(device, example_input)
     planned = {plan.name: convs[plan.name] for plan in plans if plan.converted}
     inputs = capture_layer_inputs(model, example_input, planned)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import UsageError
 from .factorize import channel_spectra
 from .layers import check_positive_int
 from .selection import LayerPlan, dense_parameters, separable_parameters
@@ -61,7 +62,7 @@ class RankSettings:
     """How to choose K: the rule and its value, validated on construction.
 
     ``energy`` is used only by ``mode="energy"`` and ``budget``/``budget_on`` only
-    by ``mode="budget"``; passing them with another mode raises, so that no value
+    by ``mode="budget"``. Passing them with another mode raises, so that no value
     is accepted and then ignored.
     """
 
@@ -75,13 +76,17 @@ class RankSettings:
     def __post_init__(self) -> None:
         check_positive_int("depth_multiplier", self.depth_multiplier)
         if self.mode not in RANK_MODES:
-            raise ValueError(f"rank={self.mode!r} is not supported: choose one of {', '.join(RANK_MODES)}")
+            raise UsageError(f"rank={self.mode!r} is not supported: choose one of {', '.join(RANK_MODES)}")
         if self.budget_on not in BUDGET_TARGETS:
-            raise ValueError(f"budget_on={self.budget_on!r} is not supported: choose one of {', '.join(BUDGET_TARGETS)}")
+            raise UsageError(f"budget_on={self.budget_on!r} is not supported: choose one of {', '.join(BUDGET_TARGETS)}")
+        if self.mode != "fixed" and self.depth_multiplier != 1:
+            raise UsageError(
+                f"depth_multiplier={self.depth_multiplier} is only used with rank='fixed'; rank={self.mode!r} chooses K itself"
+            )
         check_share("energy", self.energy, needed=self.mode == "energy", mode="energy")
         check_share("budget", self.budget, needed=self.mode == "budget", mode="budget")
         if self.budget_on != "params" and self.mode != "budget":
-            raise ValueError(f"budget_on={self.budget_on!r} is only used with rank='budget'; pass rank='budget' and budget=")
+            raise UsageError(f"budget_on={self.budget_on!r} is only used with rank='budget'; pass rank='budget' and budget= (--rank budget --budget SHARE)")
 
     def planning_multiplier(self) -> int:
         """Return the K to plan with: the fixed multiplier, or 1 for the other rules.
@@ -104,14 +109,14 @@ def check_share(name: str, value: object, *, needed: bool, mode: str) -> None:
     """Validate a share in (0, 1] that the given rank mode needs and no other mode takes."""
     if value is None:
         if needed:
-            raise ValueError(f"rank={mode!r} needs {name}=, a share in (0, 1] such as 0.9")
+            raise UsageError(f"rank={mode!r} needs {name}= (--{name}), a share in (0, 1] such as 0.9")
         return
     if not needed:
-        raise ValueError(f"{name}={value!r} is only used with rank={mode!r}; pass rank={mode!r} as well")
+        raise UsageError(f"{name}={value!r} is only used with rank={mode!r}; pass rank={mode!r} (--rank {mode}) as well")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}={value!r}: must be a number in (0, 1]")
     if not 0 < value <= 1:
-        raise ValueError(f"{name}={value}: must be in (0, 1]")
+        raise UsageError(f"{name}={value}: must be in (0, 1]")
 
 
 @dataclass
@@ -205,7 +210,7 @@ def layer_options(
 def channel_energy_kept(energy: torch.Tensor, multiplier: int) -> float:
     """Return the smallest share of energy that any input channel keeps at ``multiplier``.
 
-    ``energy`` holds squared singular values, shape ``(C_in, rank)``. Channels with
+    ``energy`` contains squared singular values, shape ``(C_in, rank)``. Channels with
     no energy at all keep everything by definition.
     """
     totals = energy.sum(dim=1)
@@ -218,7 +223,7 @@ def energy_multiplier(spectrum: torch.Tensor, energy: float) -> int:
     """Return the smallest K at which every input channel keeps at least ``energy`` of its squared singular values.
 
     ``spectrum`` has shape ``(C_in, rank)`` with each row sorted in decreasing
-    order. The answer is at most ``rank``, where every channel keeps all of it.
+    order. The result is at most ``rank``, where every channel keeps all of it.
     """
     squared = spectrum.double().pow(2)
     totals = squared.sum(dim=1, keepdim=True)
@@ -270,7 +275,7 @@ def select_ranks(
     if settings.mode == "fixed":
         return [dataclasses.replace(plan, rank_rule="fixed") if plan.converted else plan for plan in plans]
     if settings.mode == "budget" and settings.budget_on == "macs" and positions is None:
-        raise ValueError("budget_on='macs' needs example_input= to count each layer's MACs")
+        raise UsageError("budget_on='macs' needs example_input= to count each layer's MACs")
 
     eligible = [plan for plan in plans if plan.converted]
     if settings.mode == "energy":
@@ -399,11 +404,11 @@ def choose_by_budget(options: list[LayerOptions], settings: RankSettings) -> dic
     tables = [option_table(layer, budget_on) for layer in options]
     total_dense = sum(layer.dense_cost(budget_on) for layer in options)
     if total_dense == 0:
-        raise ValueError(f"budget on {budget_on}: no eligible conv has any {budget_on} on example_input, so there is nothing to budget")
+        raise UsageError(f"budget on {budget_on}: no eligible conv has any {budget_on} on example_input, so there is nothing to budget")
     target = settings.budget * total_dense
     minimum = sum(table[0].cost for table in tables)
     if minimum > target:
-        raise ValueError(
+        raise UsageError(
             f"budget={settings.budget:g}: the smallest separable forms (K=1 everywhere) already use "
             f"{minimum / total_dense:.3f} of the eligible convs' {budget_on}; choose budget >= {minimum / total_dense:.3f}"
         )
