@@ -480,7 +480,7 @@ def fit_layers(
             warnings.warn(
                 f"{len(uncalled)} planned conv(s) never ran on the calibration data and were initialized by weight SVD: "
                 f"{', '.join(layer.site.name for layer in uncalled)}",
-                stacklevel=3,
+                stacklevel=4,  # the caller of run_conversion
             )
 
         batches = len(data)

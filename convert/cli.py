@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import LoadedModel, check_writable_target, load_model, parse_factory_arguments, save_model, write_text
 from .calibration import load_calibration_batches
+from .checkpoint import LoadedModel, check_writable_target, load_model, parse_factory_arguments, save_model, write_text
 from .errors import ConversionError, DsconvError, UsageError
 from .graph_pass import PASS_INIT_METHODS, TRACING_MODES, inspect_model, run_conversion
-from .ranks import BUDGET_TARGETS, RANK_MODES
 from .plot import check_plot_path, save_tradeoff_plot
+from .ranks import BUDGET_TARGETS, RANK_MODES
 from .report import FORMATS, build_report, render_plans, render_report
 
 log = logging.getLogger("convert")
@@ -251,7 +251,9 @@ def conversion_keywords(args: argparse.Namespace, device: torch.device) -> dict[
 def convert_and_report(args: argparse.Namespace) -> tuple[nn.Module, str]:
     """Load, convert and measure; returns the converted model and the rendered report.
 
-    With --plot, the picture is drawn from the unconverted model and the plans.
+    With --plot, the picture is drawn from the unconverted model and the plans
+    once the report has been built, so a run that fails while converting or
+    measuring leaves no plot behind.
     """
     device = resolve_device(args.device)
     if args.plot is not None:
@@ -267,11 +269,6 @@ def convert_and_report(args: argparse.Namespace) -> tuple[nn.Module, str]:
         raise
     except ValueError as error:
         raise ConversionError(str(error)) from error
-
-    if args.plot is not None:
-        plans = [layer.plan for layer in result.layers]
-        save_tradeoff_plot(model, plans, args.plot, calibration_data=keywords.get("calibration_data"), force=args.force, protect=(args.input,))
-        log.info("wrote %s", args.plot)
 
     example_input = torch.randn(args.input_shape, device=device)
     try:
@@ -289,6 +286,12 @@ def convert_and_report(args: argparse.Namespace) -> tuple[nn.Module, str]:
             f"the model failed on a sample input of shape {','.join(map(str, args.input_shape))}: {first_line}. "
             "Set --input-shape to the shape the model expects"
         ) from error
+
+    if args.plot is not None:
+        plans = [layer.plan for layer in result.layers]
+        calibration = keywords.get("calibration_data")
+        save_tradeoff_plot(model, plans, args.plot, calibration_data=calibration, force=args.force, protect=(args.input,))
+        log.info("wrote %s", args.plot)
     result.model.train(was_training)
     return result.model, render_report(report, args.format)
 

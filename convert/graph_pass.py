@@ -162,23 +162,29 @@ def run_conversion(
 
     started = time.perf_counter()
     if init == "data":
+        # fitting swaps each layer in as soon as it is fitted, because later layers are fitted on its outputs
         assert calibration is not None and reference is not None, "checked above"
         target = fit_to_data(reference, target, sites, results, calibration, show_progress)
         seconds["calibrate"] = time.perf_counter() - started
+        replacements: dict[str, nn.Module] = {}
     else:
-        target = build_and_swap(target, sites, results, init)
+        replacements = build_replacements(sites, results, init)
         seconds["factorize"] = time.perf_counter() - started
-        if calibration is not None:
-            assert reference is not None, "set with calibration"
-            started = time.perf_counter()
-            record_output_errors(reference, target, results, calibration)
-            seconds["measure"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    target = swap_modules(target, replacements)
+    seconds["swap"] = time.perf_counter() - started
+    if calibration is not None and init != "data":
+        assert reference is not None, "set with calibration"
+        started = time.perf_counter()
+        record_output_errors(reference, target, results, calibration)
+        seconds["measure"] = time.perf_counter() - started
 
     started = time.perf_counter()
     path = "fx" if graph is not None else "swap"
     if graph_module:
         target = build_graph_module(target, graph)
-        seconds["graph_module"] = time.perf_counter() - started
+    seconds["swap"] += time.perf_counter() - started
 
     result = ConversionResult(target, results, path, trace_error, seconds)
     log.info(
@@ -233,9 +239,9 @@ def convert_model(
             add parameters without reducing error.
         init: ``"svd"`` factors the trained weights (exact at full rank);
             ``"random"`` keeps PyTorch's default initialization, for training from
-            scratch; ``"data"`` fits each layer to the original layer's outputs on
-            ``calibration_data`` (see :mod:`convert.calibration`), never ending up
-            with a higher output error there than ``"svd"``.
+            scratch. ``"data"`` fits each layer to the original layer's outputs on
+            ``calibration_data`` (see :mod:`convert.calibration`). On that data no
+            layer ends up with a higher output error than ``"svd"`` gives it.
         allow_larger: also convert layers whose separable form has more parameters
             than the dense conv (skipped by default).
         inplace: modify and return ``model`` itself.
@@ -257,9 +263,10 @@ def convert_model(
             ``budget_on``, ``"params"`` or ``"macs"``) where it removes the most
             relative squared weight error per unit of cost, and may keep a layer dense.
         energy: share in (0, 1] for ``rank="energy"``.
-        budget: share in (0, 1] for ``rank="budget"``; the result stays within one
-            layer's next step of it, and ``ValueError`` says so when K=1
-            everywhere already costs more.
+        budget: share in (0, 1] for ``rank="budget"``. The result never goes over
+            it, and no layer could move to a more accurate option without going
+            over. A ``ValueError`` (``UsageError``) names the smallest workable
+            budget when K=1 everywhere already costs more.
         budget_on: ``"params"`` or ``"macs"``; MACs need ``example_input``.
         example_input: a tensor shaped like the model's input, run once to count
             each layer's MACs (``budget_on="macs"``) and to time layers
@@ -507,8 +514,8 @@ def build_replacement(
     return layer_type.from_factors(conv, factors), factors.relative_error
 
 
-def build_and_swap(model: nn.Module, sites: list[ConvSite], results: list[LayerResult], init: str) -> nn.Module:
-    """Build the planned layers from their weights (``init`` is "svd" or "random") and swap them in."""
+def build_replacements(sites: list[ConvSite], results: list[LayerResult], init: str) -> dict[str, nn.Module]:
+    """Build the planned layers from their weights (``init`` is "svd" or "random"), keyed by every name of their conv."""
     replacements: dict[str, nn.Module] = {}
     for site, result in zip(sites, results):
         if not result.plan.converted:
@@ -517,7 +524,7 @@ def build_and_swap(model: nn.Module, sites: list[ConvSite], results: list[LayerR
         result.init = init
         for name in site.names:
             replacements[name] = layer
-    return swap_modules(model, replacements)
+    return replacements
 
 
 def swap_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:

@@ -97,7 +97,7 @@ def compute_tradeoff(
     """Price every multiplier of every factorable conv in ``model`` (unconverted) and the whole-model curves.
 
     ``plans`` are the conversion's plans; their chosen K are marked. The whole-model
-    curves cover the layers that can shrink (some K smaller than dense).
+    curves cover the layers that can shrink: some K has no more parameters than dense.
     """
     modules = dict(model.named_modules(remove_duplicate=False))
     factorable = [plan for plan in plans if plan.factorable]

@@ -10,11 +10,14 @@ touches layers that planning left eligible. Three rules choose K:
     share of its squared singular values (its energy).
 ``budget``
     a target share of the eligible convs' parameters or MACs, spent where it removes
-    the most relative squared weight error per unit of cost. Singular values give
-    the error of every choice up front, so nothing is trained or run.
+    the most relative squared error per unit of cost. Singular values give the
+    error of every choice up front, so nothing is trained. By default they are the
+    weight's, so the error is the weight error. With calibration data they are
+    output-weighted (:func:`convert.calibration.output_spectra`), so the error
+    estimates the output error.
 
-In every rule a layer whose separable form would not be smaller than the dense
-conv stays dense unless ``allow_larger`` is set. Latency-aware selection
+In every rule a layer whose separable form would have more parameters than the
+dense conv stays dense unless ``allow_larger`` is set. Latency-aware selection
 (:mod:`convert.layer_timing`) runs after these rules and can only keep more
 layers dense.
 """
@@ -91,8 +94,8 @@ class RankSettings:
     def planning_multiplier(self) -> int:
         """Return the K to plan with: the fixed multiplier, or 1 for the other rules.
 
-        Planning at K=1 marks a layer eligible when any separable form is smaller
-        than the dense conv; the rule then picks K among those.
+        Planning at K=1 marks a layer eligible when some separable form has no more
+        parameters than the dense conv. The rule then picks K among those forms.
         """
         return self.depth_multiplier if self.mode == "fixed" else 1
 
@@ -123,11 +126,12 @@ def check_share(name: str, value: object, *, needed: bool, mode: str) -> None:
 class LayerOptions:
     """The multipliers one eligible layer may get, with the cost and error of each.
 
-    ``multipliers`` runs from 1 to the largest allowed K (the full rank, lowered to
-    the largest K whose separable form is smaller than the dense conv unless
-    larger forms are allowed). ``squared_errors[i]`` is the relative squared weight
-    error ``||W - W_K||^2 / ||W||^2`` of ``multipliers[i]``. MAC figures are ``None``
-    when no example input was given.
+    ``multipliers`` runs from 1 to the largest allowed K: the full rank, lowered to
+    the largest K whose separable form has no more parameters than the dense conv
+    unless larger forms are allowed. ``squared_errors[i]`` is the relative squared
+    error of ``multipliers[i]`` from the spectrum the options were priced with:
+    ``||W - W_K||^2 / ||W||^2`` for the weight's. MAC figures are ``None`` when no
+    example input was given.
     """
 
     name: str
@@ -137,7 +141,6 @@ class LayerOptions:
     dense_params: int
     macs: list[int] | None = None
     dense_macs: int | None = None
-    energy_kept: list[float] | None = None
 
     def costs(self, budget_on: str) -> list[int]:
         values = self.params if budget_on == "params" else self.macs
@@ -151,7 +154,10 @@ class LayerOptions:
 
 
 def largest_allowed_multiplier(conv: nn.modules.conv._ConvNd, full_rank: int, allow_larger: bool) -> int:
-    """Return the largest K to consider: the full rank, or below it the largest K that is smaller than dense."""
+    """Return the largest K to consider: the full rank, or the largest K with no more parameters than dense.
+
+    Returns 0 when even K=1 has more parameters than the dense conv.
+    """
     if allow_larger:
         return full_rank
     dense = dense_parameters(conv)
@@ -199,24 +205,11 @@ def layer_options(
         params=[separable_parameters(conv, k) for k in multipliers],
         squared_errors=squared_errors,
         dense_params=dense_parameters(conv),
-        energy_kept=[channel_energy_kept(energy, k) for k in multipliers],
     )
     if positions is not None:
         options.macs = [positions * separable_macs_per_position(conv, k) for k in multipliers]
         options.dense_macs = positions * dense_macs_per_position(conv)
     return options
-
-
-def channel_energy_kept(energy: torch.Tensor, multiplier: int) -> float:
-    """Return the smallest share of energy that any input channel keeps at ``multiplier``.
-
-    ``energy`` contains squared singular values, shape ``(C_in, rank)``. Channels with
-    no energy at all keep everything by definition.
-    """
-    totals = energy.sum(dim=1)
-    kept = energy[:, :multiplier].sum(dim=1)
-    shares = torch.where(totals > 0, kept / totals.clamp_min(torch.finfo(totals.dtype).tiny), torch.ones_like(totals))
-    return float(shares.min())
 
 
 def energy_multiplier(spectrum: torch.Tensor, energy: float) -> int:
@@ -244,7 +237,7 @@ def count_output_positions(model: nn.Module, example_input: torch.Tensor, convs:
 
     def record(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
         name = by_module[id(module)]
-        positions[name] += output.numel() // output.shape[1]
+        positions[name] += output.numel() // module.out_channels  # also right for unbatched inputs
 
     handles = [module.register_forward_hook(record) for module in {id(m): m for m in convs.values()}.values()]
     try:
@@ -270,7 +263,8 @@ def select_ranks(
     ``spectra`` replaces the weight's singular values in the budget rule for the
     layers it contains, for example with output-weighted ones from
     :func:`convert.calibration.output_spectra`. Each chosen plan records the rule
-    in ``rank_rule``. The fixed rule keeps the plans as planning made them.
+    in ``rank_rule``, including which error a budget measured for that layer. The
+    fixed rule keeps the plans as planning made them.
     """
     if settings.mode == "fixed":
         return [dataclasses.replace(plan, rank_rule="fixed") if plan.converted else plan for plan in plans]
@@ -292,15 +286,15 @@ def select_ranks(
             for plan in eligible
         ]
         choices = choose_by_budget(options, settings)
-    rule = settings.describe()
-    if settings.mode == "budget":
-        rule += ", output error" if spectra is not None else ", weight error"
-
     chosen = []
     for plan in plans:
         if not plan.converted:
             chosen.append(plan)
             continue
+        rule = settings.describe()
+        if settings.mode == "budget":
+            # a layer that never ran on the calibration data has no output spectrum
+            rule += ", output error" if spectra is not None and plan.name in spectra else ", weight error"
         multiplier, reason = choices[plan.name]
         chosen.append(apply_choice(plan, convs[plan.name], multiplier, reason, rule))
     return chosen
