@@ -264,6 +264,8 @@ def patch_extractor(conv: nn.modules.conv._ConvNd) -> nn.modules.conv._ConvNd:
 
 def channel_patches(extractor: nn.Module, x: torch.Tensor, kernel: int) -> torch.Tensor:
     """Return the patches of every channel as ``(C, k, positions)``, batch folded into positions."""
+    # NOTE: one batch's patches take N * C * k * positions float64 values, about k times the
+    # input's elements at stride 1, so large inputs need small calibration batches.
     patches = extractor(x.to(torch.float64))  # (N, C*k, *out)
     batch, stacked = patches.shape[:2]
     patches = patches.reshape(batch, stacked // kernel, kernel, -1)  # (N, C, k, P)

@@ -324,7 +324,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     plans, trace_error = inspect_model(model, allow_larger=args.allow_larger, tracing=args.tracing)
     sys.stdout.write(render_plans(model, plans, args.multipliers, args.format, trace_error))
     if args.plot is not None:
-        save_tradeoff_plot(model, plans, args.plot, force=args.force, protect=(args.input,))
+        save_tradeoff_plot(model, plans, args.plot, mark_chosen=False, force=args.force, protect=(args.input,))
         log.info("wrote %s", args.plot)
     return EXIT_OK
 

@@ -155,6 +155,8 @@ def run_conversion(
 
     started = time.perf_counter()
     sites = find_convs(target)
+    # NOTE: the energy and budget rules choose K for every eligible plan, so they replace
+    # any multiplier that planning set for a single layer.
     plans = [plan_layer(site, rank_settings.planning_multiplier(), usage, allow_larger) for site in sites]
     plans = choose_ranks(target, sites, plans, rank_settings, latency, example_input, calibration)
     results = [LayerResult(plan) for plan in plans]
@@ -411,6 +413,8 @@ def choose_ranks(
     spectra = None
     if ranks.mode == "budget" and calibration is not None:
         eligible = {plan.name: convs[plan.name] for plan in plans if plan.converted}
+        # NOTE: a layer that never runs on the calibration data gets no output spectrum, so the
+        # budget prices it by relative weight error, which is not on the same scale.
         spectra = output_spectra(model, eligible, calibration)
     plans = select_ranks(plans, convs, ranks, positions, spectra)
     if latency.enabled:

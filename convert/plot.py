@@ -93,11 +93,13 @@ def compute_tradeoff(
     model: nn.Module,
     plans: Sequence[LayerPlan],
     calibration_data: object = None,
+    mark_chosen: bool = True,
 ) -> Tradeoff:
     """Price every multiplier of every factorable conv in ``model`` (unconverted) and the whole-model curves.
 
-    ``plans`` are the conversion's plans; their chosen K are marked. The whole-model
-    curves cover the layers that can shrink: some K has no more parameters than dense.
+    ``plans`` are the conversion's plans. With ``mark_chosen`` their K are marked,
+    which is off for a listing that has not chosen anything. The whole-model curves
+    cover the layers that can shrink: some K has no more parameters than dense.
     """
     modules = dict(model.named_modules(remove_duplicate=False))
     factorable = [plan for plan in plans if plan.factorable]
@@ -120,7 +122,7 @@ def compute_tradeoff(
                 every.multipliers,
                 [params / every.dense_params for params in every.params],
                 [math.sqrt(error) for error in every.squared_errors],
-                plan.depth_multiplier,
+                plan.depth_multiplier if mark_chosen else None,
             )
         )
         shrinkable = layer_options(plan, conv, allow_larger=False, spectrum=spectrum)
@@ -135,7 +137,9 @@ def compute_tradeoff(
             chosen_error += every.squared_errors[index]
 
     total = sum(options.dense_params for options in budget_options)
-    chosen = TradeoffPoint(chosen_cost / total, math.sqrt(chosen_error / len(budget_options)), "chosen") if total else None
+    chosen = None
+    if mark_chosen and total:
+        chosen = TradeoffPoint(chosen_cost / total, math.sqrt(chosen_error / len(budget_options)), "chosen")
     return Tradeoff(
         layers=curves,
         frontier=budget_frontier(budget_options),
@@ -190,11 +194,15 @@ def save_tradeoff_plot(
     path: str | os.PathLike[str],
     *,
     calibration_data: object = None,
+    mark_chosen: bool = True,
     force: bool = False,
     protect: tuple[Path, ...] = (),
 ) -> Tradeoff:
-    """Compute the trade-off of ``model`` (unconverted) with ``plans`` marked, draw it to ``path``, and return it."""
+    """Compute the trade-off of ``model`` (unconverted), draw it to ``path``, and return it.
+
+    See :func:`compute_tradeoff` for ``calibration_data`` and ``mark_chosen``.
+    """
     check_plot_path(path, force=force, protect=protect)
-    tradeoff = compute_tradeoff(model, plans, calibration_data)
+    tradeoff = compute_tradeoff(model, plans, calibration_data, mark_chosen)
     plot_tradeoff(tradeoff, path, force=force, protect=protect)
     return tradeoff

@@ -70,6 +70,15 @@ def test_layer_curves_cover_full_rank(resnet: torch.nn.Module) -> None:
     assert all(earlier >= later for earlier, later in zip(stem.errors, stem.errors[1:]))
 
 
+def test_listing_marks_nothing(resnet: torch.nn.Module) -> None:
+    plans, _ = convert.inspect_model(resnet)
+    tradeoff = compute_tradeoff(resnet, plans, mark_chosen=False)
+
+    assert tradeoff.chosen is None
+    assert all(curve.chosen is None for curve in tradeoff.layers)
+    assert tradeoff.frontier
+
+
 def test_output_basis_with_calibration() -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3))
     plans, _ = convert.inspect_model(model)
