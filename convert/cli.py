@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from . import __version__
+from .calibration import load_calibration_batches
+from .checkpoint import LoadedModel, check_writable_target, load_model, parse_factory_arguments, save_model, write_text
 from .config import load_config
-from .checkpoint import LoadedModel, load_model, parse_factory_arguments, save_model, write_text
 from .errors import ConversionError, DsconvError, UsageError
-from .factorize import INIT_METHODS
-from .graph_pass import TRACING_MODES, inspect_model, run_conversion
+from .graph_pass import PASS_INIT_METHODS, TRACING_MODES, inspect_model, run_conversion
+from .plot import check_plot_path, save_tradeoff_plot
+from .ranks import BUDGET_TARGETS, RANK_MODES
 from .report import FORMATS, build_report, render_plans, render_report
 
 log = logging.getLogger("convert")
@@ -39,6 +41,7 @@ examples:
   dsconv convert model.pt -o model_ds.pt --trust-pickle
   dsconv convert weights.pt --arch torchvision.models:resnet18 -o resnet18_ds.pt --depth-multiplier 2
   dsconv inspect weights.pt --arch torchvision.models:resnet18 --multipliers 1,2,4
+  dsconv convert model.pt -o small.pt --trust-pickle --rank budget --budget 0.33 --init data --calibration-data batches.pt
 """
 
 
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_selection_arguments(inspect)
     inspect.add_argument("--multipliers", type=parse_multipliers, default=(1, 2, 4), metavar="K,K,...", help="depth multipliers to price (default: 1,2,4)")
     inspect.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
+    inspect.add_argument("--plot", type=Path, metavar="FILE", help="also draw relative error against parameters per layer and for the whole model (.png/.svg/.pdf; needs matplotlib)")
+    inspect.add_argument("--force", action="store_true", help="replace --plot FILE if it exists")
     inspect.set_defaults(handler=run_inspect)
 
     demo = commands.add_parser("demo", help="save a torchvision resnet18 checkpoint (random weights) and convert it with this CLI")
@@ -114,7 +119,10 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
 def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the flags that decide which convs are converted and at which multiplier."""
     group = parser.add_argument_group("layer selection")
-    group.add_argument("--depth-multiplier", "-k", type=parse_positive_int, default=1, metavar="K", help="depthwise filters per input channel (default: 1); lowered per layer to its full rank")
+    group.add_argument("--depth-multiplier", "-k", type=parse_positive_int, metavar="K", help="with --rank fixed: depthwise filters per input channel (default: 1); lowered per layer to its full rank")
+    group.add_argument("--rank", choices=RANK_MODES, default="fixed", help="how K is chosen per layer: fixed (--depth-multiplier, default), energy (--energy), budget (--budget)")
+    group.add_argument("--energy", type=parse_share, metavar="SHARE", help="with --rank energy: smallest K at which every input channel keeps this share of its squared singular values, e.g. 0.9")
+    group.add_argument("--budget", type=parse_share, metavar="SHARE", help="with --rank budget: share of the eligible convs' parameters (or MACs) to keep, e.g. 0.33")
     group.add_argument("--config", type=Path, metavar="FILE", help="JSON per-layer settings: global, module_type, name_pattern, name; a multiplier or null to leave a layer alone")
     group.add_argument("--allow-larger", action="store_true", help="also convert layers whose separable form has more parameters than the original")
     group.add_argument("--convert-parametrized", action="store_true", help="convert convs with weight_norm/spectral_norm from their current effective weight")
@@ -129,12 +137,19 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_conversion_arguments(parser: argparse.ArgumentParser) -> None:
     add_selection_arguments(parser)
-    group = parser.add_argument_group("initialization")
-    group.add_argument("--init", choices=INIT_METHODS, default="svd", help="svd: factor the trained weights (default); random: PyTorch's default init")
+    group = parser.add_argument_group("conversion")
+    group.add_argument("--init", choices=PASS_INIT_METHODS, default="svd", help="svd: factor the trained weights (default); random: PyTorch's default init; data: fit each layer's outputs on --calibration-data")
+    group.add_argument("--budget-on", choices=BUDGET_TARGETS, help="with --rank budget: what the budget counts (default: params; macs uses --input-shape)")
+    group.add_argument("--latency-aware", action="store_true", help="time each layer dense and separable on --device with a random input of --input-shape; keep dense where not faster")
+    group.add_argument("--layer-latency-time", type=parse_positive_float, metavar="SECONDS", help="with --latency-aware: minimum timing per layer and form (default: 0.1)")
+    group.add_argument("--calibration-data", type=Path, metavar="FILE", help="input batches saved with torch.save (a tensor, or a list/tuple of tensors); needed by --init data, and with other inits used to report each layer's output error")
+    group.add_argument("--plot", type=Path, metavar="FILE", help="also draw relative error against parameters per layer and for the whole model (.png/.svg/.pdf; needs matplotlib)")
 
 
 def selection_keywords(args: argparse.Namespace) -> dict[str, Any]:
     """Turn the selection and tracing flags into keyword arguments of the conversion pass."""
+    if args.depth_multiplier is not None and args.rank != "fixed":
+        raise UsageError(f"--depth-multiplier is only used with --rank fixed; --rank {args.rank} chooses K itself")
     leaf_types = tuple(import_object(spec, "--leaf-type") for spec in args.leaf_type)
     for spec, value in zip(args.leaf_type, leaf_types):
         if not (isinstance(value, type) and issubclass(value, nn.Module)):
@@ -144,7 +159,10 @@ def selection_keywords(args: argparse.Namespace) -> dict[str, Any]:
         if not callable(value):
             raise DsconvError(f"--autowrap {spec!r} is not a function")
     return {
-        "depth_multiplier": args.depth_multiplier,
+        "depth_multiplier": args.depth_multiplier if args.depth_multiplier is not None else 1,
+        "rank": args.rank,
+        "energy": args.energy,
+        "budget": args.budget,
         "config": load_config(args.config) if args.config is not None else None,
         "allow_larger": args.allow_larger,
         "convert_parametrized": args.convert_parametrized,
@@ -199,6 +217,17 @@ def parse_positive_float(text: str) -> float:
     return value
 
 
+def parse_share(text: str) -> float:
+    """Parse a share in (0, 1], such as ``0.33``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a share in (0, 1], e.g. 0.33") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]; give a share such as 0.33")
+    return value
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     """Parse ``"1,3,224,224"`` into a tuple of positive ints."""
     parts = [part.strip() for part in text.replace("x", ",").split(",")]
@@ -246,15 +275,46 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def conversion_keywords(args: argparse.Namespace, device: torch.device) -> dict[str, object]:
+    """Turn the conversion flags into ``run_conversion`` keywords, reading --calibration-data.
+
+    ``run_conversion`` validates the combination (for example --energy without
+    --rank energy) and raises ``UsageError``, which exits with code 2.
+    """
+    needs_example = args.budget_on == "macs" or args.latency_aware
+    keywords: dict[str, object] = {
+        **selection_keywords(args),
+        "init": args.init,
+        "budget_on": args.budget_on or "params",
+        "latency_aware": args.latency_aware,
+        "latency_device": device if args.latency_aware else None,
+        "latency_time": args.layer_latency_time,
+        "example_input": torch.randn(args.input_shape, device=device) if needs_example else None,
+    }
+    if args.calibration_data is not None:
+        keywords["calibration_data"] = load_calibration_batches(args.calibration_data)
+    elif args.init == "data":
+        raise UsageError("--init data needs --calibration-data FILE: input batches saved with torch.save")
+    return keywords
+
+
 def convert_and_report(args: argparse.Namespace) -> tuple[nn.Module, str]:
-    """Load, convert and measure; returns the converted model and the rendered report."""
+    """Load, convert and measure; returns the converted model and the rendered report.
+
+    With --plot, the picture is drawn from the unconverted model and the plans
+    once the report has been built, so a run that fails while converting or
+    measuring leaves no plot behind.
+    """
     device = resolve_device(args.device)
+    if args.plot is not None:
+        check_plot_path(args.plot, force=args.force, protect=(args.input,))
     model = load_input(args).model.to(device)
     was_training = model.training
     model.eval()
+    keywords = conversion_keywords(args, device)
 
     try:
-        result = run_conversion(model, init=args.init, **selection_keywords(args))
+        result = run_conversion(model, **keywords)  # type: ignore[arg-type]
     except UsageError:
         raise
     except ValueError as error:
@@ -276,11 +336,18 @@ def convert_and_report(args: argparse.Namespace) -> tuple[nn.Module, str]:
             f"the model failed on a sample input of shape {','.join(map(str, args.input_shape))}: {first_line}. "
             "Set --input-shape to the shape the model expects"
         ) from error
+
+    if args.plot is not None:
+        plans = [layer.plan for layer in result.layers]
+        calibration = keywords.get("calibration_data")
+        save_tradeoff_plot(model, plans, args.plot, calibration_data=calibration, force=args.force, protect=(args.input,))
+        log.info("wrote %s", args.plot)
     result.model.train(was_training)
     return result.model, render_report(report, args.format)
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    check_writable_target(args.output, args.force, (args.input,))  # fail before a long conversion, not after
     converted, text = convert_and_report(args)
     save_model(converted, args.output, force=args.force, protect=(args.input,))
     log.info("wrote %s", args.output)
@@ -301,6 +368,8 @@ def emit_report(text: str, args: argparse.Namespace) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    if args.plot is not None:
+        check_plot_path(args.plot, force=args.force, protect=(args.input,))
     model = load_input(args).model
     try:
         plans, trace_error = inspect_model(model, **selection_keywords(args))
@@ -309,6 +378,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise ConversionError(str(error)) from error
     sys.stdout.write(render_plans(model, plans, args.multipliers, args.format, trace_error))
+    if args.plot is not None:
+        save_tradeoff_plot(model, plans, args.plot, mark_chosen=False, force=args.force, protect=(args.input,))
+        log.info("wrote %s", args.plot)
     return EXIT_OK
 
 

@@ -20,11 +20,14 @@ import torch
 import torch.fx
 from torch import nn
 
+from .calibration import CalibrationData, PlannedLayer, fit_layers, measure_output_errors, model_device, output_spectra
 from .config import LayerConfig
 from .effective import EffectiveConv, use_same_padding
-from .errors import ConversionError
+from .errors import ConversionError, UsageError
 from .factorize import INIT_METHODS, factorize_weight
+from .layer_timing import keep_faster_layers
 from .layers import DepthwiseSeparableConvNd, check_positive_int, separable_type_for
+from .ranks import RankSettings, count_output_positions, select_ranks
 from .selection import ConvSite, LayerPlan, SelectionOptions, find_convs, plan_layer
 from .tracing import TraceSettings, trace_model, trace_usage
 
@@ -41,13 +44,28 @@ log = logging.getLogger(__name__)
 Tracing = Literal["auto", "fx", "swap"]
 TRACING_MODES = ("auto", "fx", "swap")
 
+# Initializations of the whole pass: the layer's own ("svd", "random") plus "data",
+# which needs calibration batches and so only exists here.
+PASS_INIT_METHODS = (*INIT_METHODS, "data")
+
 
 @dataclass
 class LayerResult:
-    """A layer plan together with what the conversion produced for it."""
+    """A layer plan together with what the conversion produced for it.
+
+    ``relative_error`` is the weight error ``||W - W_new||_F / ||W||_F``. With
+    calibration data, ``output_error`` is the relative output error on it (see
+    :class:`convert.calibration.LayerFit`). With ``init="data"``,
+    ``svd_output_error`` is the weight-SVD layer's error on the same inputs and
+    ``init`` names the one of the two that was kept. ``note`` explains an unusual outcome.
+    """
 
     plan: LayerPlan
     relative_error: float | None = None
+    output_error: float | None = None
+    svd_output_error: float | None = None
+    init: str | None = None
+    note: str | None = None
 
     @property
     def name(self) -> str:
@@ -131,14 +149,30 @@ def run_conversion(
     leaf_modules: tuple[type[nn.Module] | str, ...] = (),
     autowrap_functions: tuple[Callable[..., Any], ...] = (),
     concrete_args: Mapping[str, Any] | None = None,
+    rank: str = "fixed",
+    energy: float | None = None,
+    budget: float | None = None,
+    budget_on: str = "params",
+    example_input: torch.Tensor | None = None,
+    latency_aware: bool = False,
+    latency_device: str | torch.device | None = None,
+    latency_time: float | None = None,
+    calibration_data: object = None,
+    show_progress: bool | None = None,
 ) -> ConversionResult:
     """Convert every eligible conv of ``model`` and return the model with a per-layer record.
 
     See :func:`convert_model` for the arguments.
     """
     check_arguments(depth_multiplier, init, tracing)
+    if init == "data" and calibration_data is None:
+        raise UsageError("init='data' needs calibration_data=: a tensor, or a list or DataLoader of input batches")
+    rank_settings = RankSettings(rank, depth_multiplier, energy, budget, budget_on, allow_larger)
+    latency = LatencySettings.checked(latency_aware, latency_device, latency_time)
+    check_example_input(example_input, rank_settings, latency)
     if graph_module and tracing == "swap":
         raise ValueError("graph_module=True needs a traced graph, so it cannot be combined with tracing='swap'")
+    calibration = CalibrationData(calibration_data, model_device(model)) if calibration_data is not None else None
     settings = TraceSettings(tuple(leaf_modules), tuple(autowrap_functions), concrete_args)
     options = SelectionOptions(allow_larger, convert_parametrized, convert_subclasses)
     seconds: dict[str, float] = {}
@@ -148,33 +182,53 @@ def run_conversion(
     wrapper, target = unwrap_parallel(copied)
     if graph_module and (wrapper is not None or isinstance(target, nn.modules.conv._ConvNd)):
         raise ValueError("graph_module=True needs a model with a graph: pass the module inside the wrapper, or drop graph_module")
+    # calibration compares against the unconverted model, which in place needs its own copy
+    reference = None
+    if calibration is not None:
+        reference = unwrap_parallel(copy_model(model) if inplace else model)[1]
     seconds["copy"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    planning = plan_model(target, config or LayerConfig(), depth_multiplier, options, settings, tracing)
+    planning = plan_model(target, config or LayerConfig(), rank_settings.planning_multiplier(), options, settings, tracing)
     if graph_module and planning.graph is None:
         raise ConversionError(f"graph_module=True needs a traced graph, but tracing failed: {planning.trace_error}")
     seconds["trace"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    results = [LayerResult(plan) for plan in planning.plans]
-    replacements: dict[str, nn.Module] = {}
-    for site, result in zip(planning.sites, results):
-        if not result.plan.converted:
-            continue
-        layer, result.relative_error = build_replacement(site.module, result.plan, init, planning.effective.get(site.name))
-        for name in site.names:
-            replacements[name] = layer
-    seconds["factorize"] = time.perf_counter() - started
+    # NOTE: the energy and budget rules choose K for every eligible plan, so they replace
+    # any multiplier that the config set for a single layer (layers it leaves alone stay).
+    plans = choose_ranks(target, planning.sites, planning.plans, rank_settings, latency, example_input, calibration)
+    results = [LayerResult(plan) for plan in plans]
+    seconds["select"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    if init == "data":
+        check_data_init_supported(results, planning.effective)
+        # fitting swaps each layer in as soon as it is fitted, because later layers are fitted on its outputs
+        assert calibration is not None and reference is not None, "checked above"
+        target = fit_to_data(reference, target, planning.sites, results, calibration, show_progress)
+        seconds["calibrate"] = time.perf_counter() - started
+        replacements: dict[str, nn.Module] = {}
+    else:
+        replacements = build_replacements(planning.sites, results, init, planning.effective)
+        seconds["factorize"] = time.perf_counter() - started
 
     started = time.perf_counter()
     target = swap_modules(target, replacements)
+    seconds["swap"] = time.perf_counter() - started
+    if calibration is not None and init != "data":
+        assert reference is not None, "set with calibration"
+        started = time.perf_counter()
+        record_output_errors(reference, target, results, calibration)
+        seconds["measure"] = time.perf_counter() - started
+
+    started = time.perf_counter()
     if graph_module:
         target = build_graph_module(target, planning.graph)
     if wrapper is not None:
         wrapper.module = target
         target = wrapper
-    seconds["swap"] = time.perf_counter() - started
+    seconds["swap"] += time.perf_counter() - started
 
     path = "fx" if planning.graph is not None else "swap"
     result = ConversionResult(target, results, path, planning.trace_error, seconds)
@@ -190,8 +244,8 @@ def run_conversion(
 
 def check_arguments(depth_multiplier: int, init: str, tracing: str) -> None:
     check_positive_int("depth_multiplier", depth_multiplier)
-    if init not in INIT_METHODS:
-        raise ValueError(f"init={init!r} is not supported: choose one of {', '.join(INIT_METHODS)}")
+    if init not in PASS_INIT_METHODS:
+        raise ValueError(f"init={init!r} is not supported: choose one of {', '.join(PASS_INIT_METHODS)}")
     if tracing not in TRACING_MODES:
         raise ValueError(f"tracing={tracing!r} is not supported: choose one of {', '.join(TRACING_MODES)}")
 
@@ -224,6 +278,16 @@ def unwrap_parallel(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
     return None, model
 
 
+def check_data_init_supported(results: list[LayerResult], effective: dict[str, EffectiveConv]) -> None:
+    """Reject init="data" for layers converted from an effective weight, which the fit does not handle."""
+    names = [result.name for result in results if result.plan.converted and result.name in effective]
+    if names:
+        raise UsageError(
+            f"init='data' cannot yet fit layers converted from an effective weight ({', '.join(names)}); "
+            "use init='svd', or leave out convert_parametrized/convert_subclasses"
+        )
+
+
 def convert_model(
     model: nn.Module,
     *,
@@ -239,22 +303,45 @@ def convert_model(
     leaf_modules: tuple[type[nn.Module] | str, ...] = (),
     autowrap_functions: tuple[Callable[..., Any], ...] = (),
     concrete_args: Mapping[str, Any] | None = None,
+    rank: str = "fixed",
+    energy: float | None = None,
+    budget: float | None = None,
+    budget_on: str = "params",
+    example_input: torch.Tensor | None = None,
+    latency_aware: bool = False,
+    latency_device: str | torch.device | None = None,
+    latency_time: float | None = None,
+    calibration_data: object = None,
+    show_progress: bool | None = None,
 ) -> nn.Module:
     """Replace each eligible conv of ``model`` with a depthwise-separable pair.
+
+    The steps run in this order:
+
+    1. plan every conv, skipping for example 1x1 kernels, convs whose
+       parameters ``forward`` reads directly and layers the ``config`` leaves alone;
+    2. choose K for the eligible ones (``rank``), keeping dense any layer whose
+       separable form would be larger, unless ``allow_larger``;
+    3. keep dense any layer that is not faster (``latency_aware``);
+    4. build the layers (``init``) and swap them in.
 
     Args:
         model: the model to convert. It is copied first unless ``inplace=True``. A
             model wrapped in ``nn.DataParallel`` or ``DistributedDataParallel`` is
             converted inside its wrapper, and layer names omit the ``module.`` prefix.
-        depth_multiplier: filters per input channel in the depthwise half (``K``).
-            A value above a layer's full rank ``min(C_out / groups, prod(kernel))``
-            is lowered to it, since it would add parameters without reducing error.
+        depth_multiplier: filters per input channel in the depthwise half (``K``)
+            for ``rank="fixed"``. A value above a layer's full rank
+            ``min(C_out / groups, prod(kernel))`` is lowered to it, since it would
+            add parameters without reducing error.
         config: a :class:`~convert.config.LayerConfig` with per-layer multipliers,
             or ``None`` to leave a layer alone, resolved global < module type < name
             pattern < exact name. ``depth_multiplier`` is its global setting unless
             the config sets one.
         init: ``"svd"`` factors the trained weights (exact at full rank);
-            ``"random"`` keeps PyTorch's default initialization, for training from scratch.
+            ``"random"`` keeps PyTorch's default initialization, for training from
+            scratch. ``"data"`` fits each layer to the original layer's outputs on
+            ``calibration_data`` (see :mod:`convert.calibration`). On that data no
+            layer ends up with a higher output error than ``"svd"`` gives it.
         allow_larger: also convert layers whose separable form has more parameters
             than the dense conv (skipped by default).
         convert_parametrized: convert convs whose weight is reparametrized
@@ -276,6 +363,34 @@ def convert_model(
         leaf_modules, autowrap_functions, concrete_args: passed to the torch.fx tracer
             (module types or qualified names kept as single calls, functions recorded
             as calls, fixed values for ``forward`` arguments).
+        rank: how K is chosen per layer (see :mod:`convert.ranks`): ``"fixed"``
+            uses ``depth_multiplier``; ``"energy"`` takes the smallest K at which
+            every input channel keeps ``energy`` of its squared singular values;
+            ``"budget"`` spends ``budget`` (a share of the eligible convs'
+            ``budget_on``, ``"params"`` or ``"macs"``) where it removes the most
+            relative squared weight error per unit of cost, and may keep a layer dense.
+        energy: share in (0, 1] for ``rank="energy"``.
+        budget: share in (0, 1] for ``rank="budget"``. The result never goes over
+            it, and no layer could move to a more accurate option without going
+            over. A ``ValueError`` (``UsageError``) names the smallest workable
+            budget when K=1 everywhere already costs more.
+        budget_on: ``"params"`` or ``"macs"``; MACs need ``example_input``.
+        example_input: a tensor shaped like the model's input, run once to count
+            each layer's MACs (``budget_on="macs"``) and to time layers
+            (``latency_aware``). Passing it for anything else raises.
+        latency_aware: time every planned layer dense and separable on
+            ``latency_device`` (default: ``example_input``'s device) with at least
+            ``latency_time`` seconds per measurement (default 0.1), and keep dense
+            those where the separable form is not faster. Runs after K is chosen,
+            so it can raise the parameter count above a budget.
+        calibration_data: a tensor (one batch), or a re-iterable collection of
+            batches such as a list or a ``DataLoader``, where a batch is a tensor
+            or a tuple whose first item is the input. Needed by ``init="data"``;
+            with another init it is used to measure each layer's output error.
+            Batches are moved to the model's device. The model runs in eval mode
+            on them and gets its modes back afterwards.
+        show_progress: show a progress bar during calibration; ``None`` shows
+            it only when stderr is a terminal.
 
     Returns:
         The converted model. Use :func:`run_conversion` to also get the per-layer record.
@@ -294,6 +409,16 @@ def convert_model(
         leaf_modules=leaf_modules,
         autowrap_functions=autowrap_functions,
         concrete_args=concrete_args,
+        rank=rank,
+        energy=energy,
+        budget=budget,
+        budget_on=budget_on,
+        example_input=example_input,
+        latency_aware=latency_aware,
+        latency_device=latency_device,
+        latency_time=latency_time,
+        calibration_data=calibration_data,
+        show_progress=show_progress,
     ).model
 
 
@@ -309,18 +434,160 @@ def inspect_model(
     leaf_modules: tuple[type[nn.Module] | str, ...] = (),
     autowrap_functions: tuple[Callable[..., Any], ...] = (),
     concrete_args: Mapping[str, Any] | None = None,
+    rank: str = "fixed",
+    energy: float | None = None,
+    budget: float | None = None,
+    budget_on: str = "params",
+    example_input: torch.Tensor | None = None,
+    latency_aware: bool = False,
+    latency_device: str | torch.device | None = None,
+    latency_time: float | None = None,
 ) -> tuple[list[LayerPlan], str | None]:
     """Plan the conversion without changing anything: one :class:`LayerPlan` per conv.
 
-    Takes the arguments of :func:`convert_model` that affect the plan. Returns the
-    plans and the one-line tracing error (``None`` if tracing worked or was not tried).
+    The rank keywords work as in :func:`convert_model`, so the plans show the K
+    each rule would choose (and the timings, with ``latency_aware``). Returns the
+    plans and the one-line tracing error (``None`` if tracing worked or was not
+    tried).
     """
     check_arguments(depth_multiplier, "svd", tracing)
+    rank_settings = RankSettings(rank, depth_multiplier, energy, budget, budget_on, allow_larger)
+    latency = LatencySettings.checked(latency_aware, latency_device, latency_time)
+    check_example_input(example_input, rank_settings, latency)
     settings = TraceSettings(tuple(leaf_modules), tuple(autowrap_functions), concrete_args)
     options = SelectionOptions(allow_larger, convert_parametrized, convert_subclasses)
     _, target = unwrap_parallel(model)
-    planning = plan_model(target, config or LayerConfig(), depth_multiplier, options, settings, tracing)
-    return planning.plans, planning.trace_error
+    planning = plan_model(target, config or LayerConfig(), rank_settings.planning_multiplier(), options, settings, tracing)
+    plans = choose_ranks(target, planning.sites, planning.plans, rank_settings, latency, example_input)
+    return plans, planning.trace_error
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    """Latency-aware selection: whether it runs, where it times, and the minimum time per measurement."""
+
+    enabled: bool = False
+    device: str | torch.device | None = None
+    min_run_time: float = 0.1
+
+    @classmethod
+    def checked(cls, enabled: bool, device: str | torch.device | None, min_run_time: float | None) -> "LatencySettings":
+        """Validate the latency keywords; ``device`` and ``min_run_time`` are only taken with ``enabled``."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"latency_aware={enabled!r}: must be True or False")
+        if not enabled:
+            if device is not None:
+                raise UsageError(f"latency_device={device!r} is only used with latency_aware=True (--latency-aware)")
+            if min_run_time is not None:
+                raise UsageError(f"latency_time={min_run_time!r} (--layer-latency-time) is only used with latency_aware=True (--latency-aware)")
+            return cls()
+        if min_run_time is None:
+            return cls(True, device)
+        if isinstance(min_run_time, bool) or not isinstance(min_run_time, (int, float)) or not min_run_time > 0:
+            raise UsageError(f"latency_time={min_run_time!r}: must be a number of seconds greater than 0")
+        return cls(True, device, float(min_run_time))
+
+
+def check_example_input(example_input: torch.Tensor | None, ranks: RankSettings, latency: LatencySettings) -> None:
+    """Require ``example_input`` exactly when MACs per layer or latency are needed."""
+    needed = (ranks.mode == "budget" and ranks.budget_on == "macs") or latency.enabled
+    if example_input is None:
+        if needed:
+            what = "latency_aware=True" if latency.enabled else "budget_on='macs'"
+            raise UsageError(f"{what} needs example_input=, a tensor shaped like the model's input")
+        return
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"example_input is a {type(example_input).__name__}: pass a tensor shaped like the model's input")
+    if not needed:
+        raise UsageError("example_input= is only used by rank='budget' with budget_on='macs' and by latency_aware=True")
+
+
+def choose_ranks(
+    model: nn.Module,
+    sites: list[ConvSite],
+    plans: list[LayerPlan],
+    ranks: RankSettings,
+    latency: LatencySettings,
+    example_input: torch.Tensor | None,
+    calibration: CalibrationData | None = None,
+) -> list[LayerPlan]:
+    """Choose K for the eligible plans, then keep dense the layers that latency-aware timing finds slower.
+
+    ``model`` is still unconverted; it runs on ``example_input`` when MACs or
+    latency are needed. With calibration data the budget rule measures each
+    choice by its estimated output error on that data instead of its weight error.
+    """
+    convs = {site.name: site.module for site in sites}
+    positions = None
+    if ranks.mode == "budget" and ranks.budget_on == "macs":
+        assert example_input is not None, "checked by check_example_input"
+        positions = run_model_step("counting MACs", lambda: count_output_positions(model, example_input, convs))
+    spectra = None
+    if ranks.mode == "budget" and calibration is not None:
+        eligible = {plan.name: convs[plan.name] for plan in plans if plan.converted}
+        # NOTE: a layer that never runs on the calibration data gets no output spectrum, so the
+        # budget prices it by relative weight error, which is not on the same scale.
+        spectra = output_spectra(model, eligible, calibration)
+    plans = select_ranks(plans, convs, ranks, positions, spectra)
+    if latency.enabled:
+        assert example_input is not None, "checked by check_example_input"
+        plans = run_model_step(
+            "timing layers",
+            lambda: keep_faster_layers(plans, convs, model, example_input, latency.device, latency.min_run_time),
+        )
+    return plans
+
+
+def run_model_step(step: str, action: Callable[[], Any]) -> Any:
+    """Run a step that calls the model on ``example_input``, turning a model failure into a ConversionError."""
+    try:
+        return action()
+    except (RuntimeError, TypeError, IndexError) as error:
+        raise ConversionError(
+            f"{step}: the model failed on example_input: {one_line(error)}. Pass a tensor shaped like the model's input"
+        ) from error
+
+
+def fit_to_data(
+    reference: nn.Module,
+    target: nn.Module,
+    sites: list[ConvSite],
+    results: list[LayerResult],
+    calibration: CalibrationData,
+    show_progress: bool | None,
+) -> nn.Module:
+    """Fit the planned layers of ``target`` on calibration data and fill their results; returns the converted model."""
+    originals = dict(reference.named_modules(remove_duplicate=False))
+    planned = [
+        PlannedLayer(site, result.plan, originals[site.name])
+        for site, result in zip(sites, results)
+        if result.plan.converted
+    ]
+    target, fits = fit_layers(reference, target, planned, calibration, swap_modules, show_progress)
+    for result in results:
+        fit = fits.get(result.name)
+        if fit is None:
+            continue
+        result.relative_error = fit.relative_error
+        result.output_error = fit.output_error
+        result.svd_output_error = fit.svd_output_error
+        result.init = fit.init
+        result.note = fit.note
+    return target
+
+
+def record_output_errors(reference: nn.Module, converted: nn.Module, results: list[LayerResult], calibration: CalibrationData) -> None:
+    """Measure each converted layer's output error on the calibration data and store it in its result."""
+    originals = dict(reference.named_modules(remove_duplicate=False))
+    modules = dict(converted.named_modules(remove_duplicate=False))
+    layers = [(result.name, originals[result.name], modules[result.name]) for result in results if result.plan.converted]
+    errors = measure_output_errors(reference, converted, layers, calibration)
+    for result in results:
+        if not result.plan.converted:
+            continue
+        result.output_error = errors.get(result.name)
+        if result.output_error is None:
+            result.note = "not called on the calibration data, so no output error was measured"
 
 
 def trace_if_possible(
@@ -371,6 +638,21 @@ def build_replacement(
         use_same_padding(layer)
     layer.train(conv.training)
     return layer, error
+
+
+def build_replacements(
+    sites: list[ConvSite], results: list[LayerResult], init: str, effective: dict[str, EffectiveConv]
+) -> dict[str, nn.Module]:
+    """Build the planned layers from their weights (``init`` is "svd" or "random"), keyed by every name of their conv."""
+    replacements: dict[str, nn.Module] = {}
+    for site, result in zip(sites, results):
+        if not result.plan.converted:
+            continue
+        layer, result.relative_error = build_replacement(site.module, result.plan, init, effective.get(site.name))
+        result.init = init
+        for name in site.names:
+            replacements[name] = layer
+    return replacements
 
 
 def swap_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:

@@ -44,7 +44,15 @@ MAC_UNIT = "MACs: multiply-accumulates, FlopCounterMode FLOPs / 2"
 
 @dataclass
 class LayerRow:
-    """One conv in the report. ``macs_*`` is ``None`` when the sample forward did not call it."""
+    """One conv in the report. ``macs_*`` is ``None`` when the sample forward did not call it.
+
+    The optional fields at the end are filled when they apply. ``rank_rule`` names
+    the rule that chose K. ``output_error`` is the relative output error on
+    calibration data, and with ``init="data"`` ``svd_output_error`` is the
+    weight-SVD layer's error on the same inputs and ``init_used`` the init that was
+    kept. ``dense_ms``/``separable_ms`` are latency-aware timings, and ``note``
+    explains an unusual outcome.
+    """
 
     name: str
     type_name: str
@@ -64,6 +72,12 @@ class LayerRow:
     aliases: tuple[str, ...] = ()
     setting_source: str = "depth_multiplier"
     effective: str | None = None
+    rank_rule: str | None = None
+    output_error: float | None = None
+    svd_output_error: float | None = None
+    init_used: str | None = None
+    dense_ms: float | None = None
+    separable_ms: float | None = None
     note: str | None = None
 
 
@@ -149,7 +163,13 @@ def build_report(
             aliases=layer.plan.aliases,
             setting_source=layer.plan.setting_source,
             effective=layer.plan.effective,
-            note=layer.plan.note,
+            rank_rule=layer.plan.rank_rule,
+            output_error=layer.output_error,
+            svd_output_error=layer.svd_output_error,
+            init_used=layer.init,
+            dense_ms=layer.plan.dense_ms,
+            separable_ms=layer.plan.separable_ms,
+            note="; ".join(note for note in (layer.plan.note, layer.note) if note) or None,
         )
         for layer in result.layers
     ]
@@ -194,14 +214,10 @@ def render_report(report: ConversionReport, fmt: str = "table") -> str:
     ]
     converted = report.converted
     if converted:
+        headers, cells = converted_table(converted)
         sections += [
             heading(f"Converted layers ({len(converted)})", fmt),
-            tabulate(
-                [converted_row(row) for row in converted],
-                headers=["layer", "in->out", "kernel", "stride", "K", "params before", "params after", "MACs before", "MACs after", "weight rel. error"],
-                tablefmt=table_format,
-                disable_numparse=True,
-            ),
+            tabulate(cells, headers=headers, tablefmt=table_format, disable_numparse=True),
         ]
     skipped = report.skipped
     if skipped:
@@ -249,6 +265,13 @@ def describe_run(report: ConversionReport) -> str:
         f"init: {report.init}; input: {shape_text(report.input_shape)} {report.dtype} on {report.device}",
         f"{report.mac_unit}; latency: torch.utils.benchmark median over the runs shown, after warm-up",
     ]
+    if any(row.output_error is not None for row in report.layers):
+        lines.append(
+            "output rel. error: sqrt(sum ||y - y_new||^2 / sum ||y||^2) on the calibration data, y the original layer's "
+            "output in the original model, y_new the converted layer's output in the converted model"
+        )
+    if any(row.dense_ms is not None for row in report.layers):
+        lines.append("latency-aware: each layer timed dense and separable on its input from the sample; kept dense where not faster")
     if report.output_difference is not None:
         difference = report.output_difference
         lines.append(
@@ -269,6 +292,36 @@ def summary_rows(report: ConversionReport) -> list[list[str]]:
         rows.append(["latency ms (median ± IQR)", latency_text(before.latency), latency_text(after.latency), ratio(after.latency.median_ms, before.latency.median_ms)])
         rows.append(["latency runs / threads", f"{before.latency.runs} / {before.latency.threads}", f"{after.latency.runs} / {after.latency.threads}", ""])
     return rows
+
+
+def converted_table(rows: list[LayerRow]) -> tuple[list[str], list[list[str]]]:
+    """Return headers and cells of the converted-layer table; optional columns appear when any row has them."""
+    headers = ["layer", "in->out", "kernel", "stride", "K", "params before", "params after", "MACs before", "MACs after", "weight rel. error"]
+    cells = [converted_row(row) for row in rows]
+    optional = [
+        ("K chosen by", lambda row: row.rank_rule or "-", any(row.rank_rule not in (None, "fixed") for row in rows)),
+        ("output rel. error", lambda row: optional_error(row.output_error), any(row.output_error is not None for row in rows)),
+        ("weight-SVD output error", lambda row: optional_error(row.svd_output_error), any(row.svd_output_error is not None for row in rows)),
+        ("init kept", lambda row: row.init_used or "-", any(row.init_used == "data" for row in rows) or any(row.svd_output_error is not None for row in rows)),
+        ("ms dense / separable", timing_text, any(row.dense_ms is not None for row in rows)),
+    ]
+    for header, cell, shown in optional:
+        if not shown:
+            continue
+        headers.append(header)
+        for row, line in zip(rows, cells):
+            line.append(cell(row))
+    return headers, cells
+
+
+def optional_error(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def timing_text(row: LayerRow) -> str:
+    if row.dense_ms is None or row.separable_ms is None:
+        return "-"
+    return f"{row.dense_ms:.4f} / {row.separable_ms:.4f}"
 
 
 def converted_row(row: LayerRow) -> list[str]:

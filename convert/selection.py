@@ -54,7 +54,9 @@ class LayerPlan:
     so costs at other multipliers can still be shown. ``setting_source`` names the
     config rule that set the multiplier, ``effective`` describes what was factored
     when it is not the module's own weight, and ``note`` flags a check that could not
-    be made.
+    be made. ``rank_rule`` names the rule that chose the multiplier (see
+    :mod:`convert.ranks`). ``dense_ms`` and ``separable_ms`` are the per-layer forward
+    times when latency-aware selection timed the layer.
     """
 
     name: str
@@ -76,6 +78,9 @@ class LayerPlan:
     setting_source: str = "global"
     effective: str | None = None
     note: str | None = None
+    rank_rule: str = "fixed"
+    dense_ms: float | None = None
+    separable_ms: float | None = None
 
     @property
     def converted(self) -> bool:

@@ -274,4 +274,4 @@ def test_tracing_fx_mode_raises_on_untraceable():
 
 def test_timings_recorded():
     result = run_conversion(SmallNet())
-    assert set(result.seconds) == {"copy", "trace", "factorize", "swap"}
+    assert set(result.seconds) == {"copy", "trace", "select", "factorize", "swap"}

@@ -408,6 +408,7 @@ PARAMETRIZATIONS = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 @pytest.mark.parametrize("kind", PARAMETRIZATIONS)
 def test_parametrized_weight_skipped_then_converted(kind):
     model = nn.Sequential(PARAMETRIZATIONS[kind](nn.Conv2d(4, 8, 3, padding=1))).eval()
@@ -423,6 +424,7 @@ def test_parametrized_weight_skipped_then_converted(kind):
         torch.testing.assert_close(converted.model(x), model(x), **EXACT)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 def test_old_weight_norm_model_copies_without_crash():
     model = nn.Sequential(torch.nn.utils.weight_norm(nn.Conv2d(4, 8, 3)))
     model(torch.randn(1, 4, 5, 5)).sum().backward()  # the computed weight now has autograd history
