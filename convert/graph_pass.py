@@ -21,6 +21,7 @@ from torch import nn
 from .errors import ConversionError
 from .factorize import INIT_METHODS, factorize_weight
 from .layers import DepthwiseSeparableConvNd, check_positive_int, separable_type_for
+from .progress import progress
 from .selection import LayerPlan, find_convs, plan_layer
 from .tracing import GraphUsage, TraceSettings, find_graph_usage, trace_model
 
@@ -121,7 +122,7 @@ def run_conversion(
 
     started = time.perf_counter()
     replacements: dict[str, nn.Module] = {}
-    for site, result in zip(sites, results):
+    for site, result in progress(zip(sites, results), description="factorize", total=len(sites)):
         if not result.plan.converted:
             continue
         layer, result.relative_error = build_replacement(site.module, result.plan, init)

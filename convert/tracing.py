@@ -42,7 +42,9 @@ class TraceSettings:
 class ConvTracer(torch.fx.Tracer):
     """An FX tracer that also treats separable layers and user-chosen modules as leaves."""
 
-    def __init__(self, settings: TraceSettings) -> None:
+    def __init__(self, settings: TraceSettings | None = None) -> None:
+        # The default lets torch.fx re-create the tracer with no arguments when it unpickles a GraphModule.
+        settings = settings or TraceSettings()
         super().__init__(autowrap_functions=tuple(settings.autowrap_functions))
         self.leaf_types = tuple(leaf for leaf in settings.leaf_modules if isinstance(leaf, type))
         self.leaf_names = {leaf for leaf in settings.leaf_modules if isinstance(leaf, str)}
