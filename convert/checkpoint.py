@@ -36,13 +36,18 @@ import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .errors import CheckpointError, UsageError
 from .state_dicts import is_state_dict, load_state_dict_checked, read_safetensors, select_entry, strip_prefixes
+
+if TYPE_CHECKING:
+    from .plan import ConversionPlan
+
+    PlanSource = ConversionPlan | Mapping[str, Any] | str | os.PathLike[str]
 
 __all__ = [
     "LoadedModel",
@@ -90,7 +95,7 @@ def load_model(
     trust_pickle: bool = False,
     key: str | None = None,
     imports: Sequence[str] = (),
-    plan: Any = None,
+    plan: PlanSource | None = None,
 ) -> LoadedModel:
     """Load a model from ``path``: a pickled module, or a state dict with ``arch``.
 
@@ -149,7 +154,7 @@ def load_into_architecture(
     notes: list[str],
     arch: str,
     arch_kwargs: Mapping[str, Any] | None,
-    plan: Any,
+    plan: PlanSource | None,
 ) -> LoadedModel:
     """Build ``arch``, apply ``plan`` if any, strip wrapper prefixes and load the weights strictly."""
     model = load_architecture(arch, arch_kwargs or {})
@@ -553,6 +558,9 @@ def atomic_write(path: str | os.PathLike[str], *, force: bool = False, protect: 
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        from .outputs import file_mode  # outputs imports this module
+
+        os.chmod(handle.name, file_mode(target))  # NamedTemporaryFile creates the file readable by its owner only
         os.replace(handle.name, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

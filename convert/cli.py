@@ -424,15 +424,16 @@ def run_convert(args: argparse.Namespace) -> int:
     result.model.train(conversion.was_training)
 
     converted = result.model
+    write_outputs = check is None or check.passed or args.keep_on_check_failure
     if args.save_as == "graph-module":
         dropped = keep_plain_attributes(conversion.original, converted)
         if dropped:
             report.notes.append(f"the graph-module output drops attributes that are not plain data: {', '.join(dropped)} (--save-as module keeps them)")
-    if plan_path is not None:
+    if plan_path is not None and write_outputs:
         report.notes.append(f"conversion plan written to {plan_path}: rebuild the model with convert.apply_plan(model, plan) before load_state_dict")
     text = render_report(report, args.format)
 
-    if check is None or check.passed or args.keep_on_check_failure:
+    if write_outputs:
         with OutputSet(force=args.force, protect=input_paths(args)) as outputs:
             stage(outputs, args.output, model_writer(converted, args.save_as))
             if plan_path is not None:
@@ -546,7 +547,8 @@ def run_densify_command(args: argparse.Namespace) -> int:
         text += check.describe() + "\n"
     result.model.train(was_training)
 
-    if check is None or check.passed or args.keep_on_check_failure:
+    write_outputs = check is None or check.passed or args.keep_on_check_failure
+    if write_outputs:
         with OutputSet(force=args.force, protect=input_paths(args)) as outputs:
             stage(outputs, args.output, model_writer(result.model, args.save_as))
             if args.report is not None:

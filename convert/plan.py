@@ -231,15 +231,11 @@ def apply_plan(
     replacements: dict[str, nn.Module] = {}
     for layer in plan.layers:
         names = (layer.name, *layer.aliases)
-        current = modules.get(layer.name)
-        if current is None:
-            raise ValueError(f"layer {layer.name!r} of the plan is not in {type(model).__name__}; was the plan written for another model?")
-        for alias in layer.aliases:
-            if modules.get(alias) is not current:
-                raise ValueError(f"layer {layer.name!r}: the plan lists {alias!r} as another name of it, but the model does not")
+        current = planned_module(modules, layer, type(model).__name__)
         if is_planned_layer(current, layer):
             continue
         check_conv_fits(current, layer)
+        assert isinstance(current, nn.modules.conv._ConvNd), "check_conv_fits accepts only conv types"
         check_positive_int("depth_multiplier", layer.depth_multiplier)
         separable = SEPARABLE_BY_NAME[layer.module](**layer_arguments(current, layer.depth_multiplier))
         separable.copy_mode_and_layout(current)
@@ -253,6 +249,17 @@ def apply_plan(
         parent = target.get_submodule(parent_name) if parent_name else target
         setattr(parent, child, module)
     return target
+
+
+def planned_module(modules: Mapping[str, nn.Module], layer: PlannedLayer, model_name: str) -> nn.Module:
+    """Return the module under the layer's name; raise ``ValueError`` if it is missing or its aliases differ."""
+    current = modules.get(layer.name)
+    if current is None:
+        raise ValueError(f"layer {layer.name!r} of the plan is not in {model_name}; was the plan written for another model?")
+    for alias in layer.aliases:
+        if modules.get(alias) is not current:
+            raise ValueError(f"layer {layer.name!r}: the plan lists {alias!r} as another name of it, but the model does not")
+    return current
 
 
 def is_planned_layer(module: nn.Module, layer: PlannedLayer) -> bool:

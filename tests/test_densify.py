@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import run_cli
+from conftest import requires_cuda, run_cli
 from model_files import INPUT_SHAPE, INPUT_SHAPE_TEXT, import_models, write_models_module
 from torch import nn
 
@@ -16,6 +16,9 @@ from convert import (
     DepthwiseSeparableConv2d,
     DepthwiseSeparableConv3d,
     DepthwiseSeparableConvNd,
+    apply_plan,
+    build_plan,
+    check_outputs,
     convert_model,
     densify_model,
     run_densify,
@@ -169,3 +172,21 @@ def test_densify_command_from_plan_and_state_dict(project: Path, tmp_path: Path)
     with torch.no_grad():
         expected = convert_model(original.eval(), depth_multiplier=2)(example)
         torch.testing.assert_close(dense.eval()(example), expected, **FLOAT32_MODEL)
+
+
+@requires_cuda
+def test_densify_and_plan_keep_cuda_device() -> None:
+    converted = convert_model(nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU()).cuda().eval(), depth_multiplier=2)
+
+    dense = densify_model(converted)
+    rebuilt = apply_plan(nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU()).cuda(), build_plan(converted))
+    rebuilt.load_state_dict(converted.state_dict())
+
+    assert dense[0].weight.device.type == "cuda"
+    assert rebuilt[0].conv_dw.weight.device.type == "cuda"
+    example = torch.randn(2, 4, 9, 9, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(dense(example), converted(example), **FLOAT32_MODEL)
+        torch.testing.assert_close(rebuilt.eval()(example), converted(example), **FLOAT32_MODEL)
+    result = check_outputs(converted, dense, (2, 4, 9, 9), 3, rtol=1e-3, atol=1e-6, device="cuda")
+    assert result.passed

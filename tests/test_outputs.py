@@ -249,3 +249,15 @@ def test_interrupted_run_writes_nothing(project: Path, models, tmp_path: Path, s
     assert process.returncode == exit_code
     assert f"dsconv: {word}; nothing was written" in rest
     assert snapshot(tmp_path) == before
+
+
+def test_save_model_gets_umask_permissions(tmp_path: Path) -> None:
+    from convert.checkpoint import save_model
+
+    umask = os.umask(0o022)
+    try:
+        save_model(torch.nn.Conv2d(1, 1, 1), tmp_path / "conv.pt")
+    finally:
+        os.umask(umask)
+
+    assert (tmp_path / "conv.pt").stat().st_mode & 0o777 == 0o644
