@@ -191,9 +191,9 @@ def select_module(content: Any, path: Path, key: str | None) -> tuple[nn.Module,
     return model, notes
 
 
-def state_dict_needs_arch(path: Path, what: str) -> str:
+def state_dict_needs_arch(path: Path, content_description: str) -> str:
     return (
-        f"{path} contains {what}: pass --arch module.path:factory "
+        f"{path} contains {content_description}: pass --arch module.path:factory "
         "(for example --arch torchvision.models:resnet18) to build the model it belongs to"
     )
 
@@ -385,7 +385,7 @@ def rejected_globals(path: Path, error: BaseException) -> list[str]:
             allowed = {f"{kind.__module__}.{kind.__qualname__}" for kind in SAFE_EXTRA_GLOBALS}
             names = [name for name in finder(path) if name not in allowed]
             if names:
-                # The file's own classes say more than the torch.nn classes around them, so they come first.
+                # The file's own classes are more informative than the torch.nn classes around them, so they come first.
                 return sorted(names, key=lambda name: name.startswith("torch."))
         except (ValueError, RuntimeError, OSError):  # legacy (non-zip) files are not supported by the finder
             pass

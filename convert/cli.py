@@ -478,10 +478,10 @@ def finish_check(check: CheckResult | None, args: argparse.Namespace) -> int:
     """Raise for a failed check, saying whether the outputs were kept."""
     if check is None or check.passed:
         return EXIT_OK
-    kept = "the outputs were written anyway (--keep-on-check-failure)" if args.keep_on_check_failure else "nothing was written (pass --keep-on-check-failure to keep the outputs)"
+    outcome = "the outputs were written anyway (--keep-on-check-failure)" if args.keep_on_check_failure else "nothing was written (pass --keep-on-check-failure to keep the outputs)"
     raise ConversionError(
         f"--check failed: {check.problem}; max relative difference {check.max_relative:.3g} over {check.inputs} inputs "
-        f"(--rtol {check.rtol:g}, --atol {check.atol:g}); {kept}"
+        f"(--rtol {check.rtol:g}, --atol {check.atol:g}); {outcome}"
     )
 
 
