@@ -123,7 +123,7 @@ def load_calibration_batches(path: str | os.PathLike[str]) -> list[torch.Tensor]
         content = read_weights_only(path)
     except PickleRejected as rejected:
         raise CheckpointError(
-            f"calibration file {path} contains pickled Python objects ({rejected.detail}); "
+            f"calibration file {path} contains pickled Python objects (weights_only=True rejected {rejected}); "
             "save a tensor or a list of tensors with torch.save"
         ) from None
     if isinstance(content, torch.Tensor):

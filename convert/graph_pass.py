@@ -27,6 +27,7 @@ from .errors import ConversionError, UsageError
 from .factorize import INIT_METHODS, factorize_weight
 from .layer_timing import keep_faster_layers
 from .layers import DepthwiseSeparableConvNd, check_positive_int, separable_type_for
+from .progress import progress
 from .ranks import RankSettings, count_output_positions, select_ranks
 from .selection import ConvSite, LayerPlan, SelectionOptions, find_convs, plan_layer
 from .tracing import TraceSettings, trace_model, trace_usage
@@ -645,7 +646,7 @@ def build_replacements(
 ) -> dict[str, nn.Module]:
     """Build the planned layers from their weights (``init`` is "svd" or "random"), keyed by every name of their conv."""
     replacements: dict[str, nn.Module] = {}
-    for site, result in zip(sites, results):
+    for site, result in progress(zip(sites, results), description="factorize", total=len(sites)):
         if not result.plan.converted:
             continue
         layer, result.relative_error = build_replacement(site.module, result.plan, init, effective.get(site.name))

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -152,7 +152,27 @@ def compute_tradeoff(
 def plot_tradeoff(tradeoff: Tradeoff, path: str | os.PathLike[str], *, force: bool = False, protect: tuple[Path, ...] = ()) -> None:
     """Draw ``tradeoff`` into an image file (format from the suffix: .png, .svg, .pdf), written atomically."""
     check_plot_path(path, force=force, protect=protect)
-    pyplot = require_matplotlib()
+    with atomic_write(path, force=force, protect=protect) as handle:
+        tradeoff_writer(tradeoff, path)(handle)
+
+
+def tradeoff_writer(tradeoff: Tradeoff, path: str | os.PathLike[str]) -> Callable[[IO[bytes]], None]:
+    """Return a function that draws ``tradeoff`` into an open file, in the format of ``path``'s suffix."""
+    image_format = Path(path).suffix.lstrip(".").lower()
+
+    def write(handle: IO[bytes]) -> None:
+        pyplot = require_matplotlib()
+        figure = draw_tradeoff(tradeoff, pyplot)
+        try:
+            figure.savefig(handle, format=image_format)
+        finally:
+            pyplot.close(figure)
+
+    return write
+
+
+def draw_tradeoff(tradeoff: Tradeoff, pyplot: Any) -> Any:
+    """Draw the per-layer and whole-model panels; returns the matplotlib figure."""
     figure, (per_layer, whole) = pyplot.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
     error_label = "relative output error (estimate)" if tradeoff.error_basis == "output" else "relative weight error"
 
@@ -181,11 +201,7 @@ def plot_tradeoff(tradeoff: Tradeoff, path: str | os.PathLike[str], *, force: bo
     whole.set_title("whole model")
     whole.legend(fontsize="small")
 
-    try:
-        with atomic_write(path, force=force, protect=protect) as handle:
-            figure.savefig(handle, format=Path(path).suffix.lstrip(".").lower())
-    finally:
-        pyplot.close(figure)
+    return figure
 
 
 def save_tradeoff_plot(

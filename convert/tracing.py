@@ -43,7 +43,9 @@ class TraceSettings:
 class ConvTracer(torch.fx.Tracer):
     """An FX tracer that also treats separable layers and user-chosen modules as leaves."""
 
-    def __init__(self, settings: TraceSettings, prefix: str = "") -> None:
+    def __init__(self, settings: TraceSettings | None = None, prefix: str = "") -> None:
+        # The default lets torch.fx re-create the tracer with no arguments when it unpickles a GraphModule.
+        settings = settings or TraceSettings()
         library_modules, library_functions = library_leaves()
         super().__init__(autowrap_functions=(*settings.autowrap_functions, *library_functions))
         self.leaf_types = (*library_modules, *(leaf for leaf in settings.leaf_modules if isinstance(leaf, type)))

@@ -52,7 +52,7 @@ def test_convert_state_dict_with_arch(checkpoints, tmp_path):
     )
     assert completed.returncode == 0, completed.stderr
     data = json.loads(report.read_text())
-    assert json.loads(completed.stdout) == data
+    assert completed.stdout == ""  # --report sends the report to the file instead of stdout
     assert {row["depth_multiplier"] for row in data["layers"] if row["reason"] is None} == {2}
     assert data["input_shape"] == [1, 3, 64, 64]
     model = torch.load(output, weights_only=False).eval()
@@ -133,7 +133,8 @@ def test_bad_input_file(make_arguments, message, tmp_path):
 def test_pickle_without_trust_flag(checkpoints, tmp_path):
     completed = run_cli("convert", str(checkpoints["module"]), "-o", str(tmp_path / "out.pt"), *FAST)
     assert completed.returncode == 2
-    assert "weights_only=True rejected the global torchvision.models.resnet.ResNet" in completed.stderr
+    assert "contains pickled Python objects (weights_only=True rejected " in completed.stderr
+    assert "torchvision.models.resnet.ResNet" in completed.stderr
     assert "pass --trust-pickle" in completed.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -190,7 +191,7 @@ def test_bad_argument_values(checkpoints, tmp_path, arguments, message):
 def test_input_shape_the_model_cannot_take(checkpoints, tmp_path):
     completed = run_cli("convert", str(checkpoints["module"]), "--trust-pickle", "-o", str(tmp_path / "out.pt"), "--input-shape", "1,5,64,64", "--no-latency")
     assert completed.returncode == 2
-    assert "the model failed on a sample input of shape 1,5,64,64" in completed.stderr
+    assert "the model failed on a random input of shape 1,5,64,64" in completed.stderr
     assert "Set --input-shape" in completed.stderr
     assert list(tmp_path.iterdir()) == []
 
