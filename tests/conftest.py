@@ -32,3 +32,21 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
 @pytest.fixture(autouse=True)
 def seed_everything() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project folder holding the test models module; CLI runs start from it, as from a user's project."""
+    from model_files import write_models_module
+
+    folder = tmp_path_factory.mktemp("project")
+    write_models_module(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(project: Path):
+    """The test models module, imported from the project folder."""
+    from model_files import import_models
+
+    return import_models(project)

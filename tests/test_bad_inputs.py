@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from model_files import INPUT_SHAPE_TEXT, import_models, snapshot, write_models_module
+from model_files import INPUT_SHAPE_TEXT, snapshot
 from safetensors.torch import save as safetensors_save
 
 SIDE_EFFECT = "created_by_pickle.txt"
@@ -306,18 +306,6 @@ CASES = [
 
 def case_id(case: object) -> str:
     return case.name if isinstance(case, Case) else str(case)
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("project")
-    write_models_module(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def models(project: Path):
-    return import_models(project)
 
 
 def test_table_has_twenty_cases() -> None:

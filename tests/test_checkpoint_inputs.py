@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from model_files import INPUT_SHAPE, INPUT_SHAPE_TEXT, digest, import_models, write_models_module
+from model_files import INPUT_SHAPE, INPUT_SHAPE_TEXT, digest
 from safetensors.torch import save_file
 from torch import nn
 
@@ -21,19 +21,6 @@ from convert.state_dicts import select_entry, strip_prefixes
 
 # Outputs of the same float32 model converted in two processes: the SVDs agree to rounding.
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A project folder holding the models module; the CLI runs from it, as from a user's project."""
-    folder = tmp_path_factory.mktemp("project")
-    write_models_module(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def models(project: Path):
-    return import_models(project)
 
 
 @pytest.fixture

@@ -17,19 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO_ROOT, run_cli
-from model_files import INPUT_SHAPE_TEXT, import_models, write_models_module
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("project")
-    write_models_module(folder)
-    return folder
+from model_files import INPUT_SHAPE_TEXT
 
 
 @pytest.fixture
-def source(project: Path, tmp_path: Path) -> Path:
-    models = import_models(project)
+def source(models, tmp_path: Path) -> Path:
     path = tmp_path / "weights.pt"
     torch.save({"model": models.tiny_net().state_dict(), "epoch": 5}, path)
     return path

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 from conftest import requires_cuda, run_cli
-from model_files import INPUT_SHAPE, INPUT_SHAPE_TEXT, import_models, write_models_module
+from model_files import INPUT_SHAPE, INPUT_SHAPE_TEXT, import_models
 from torch import nn
 
 from convert import (
@@ -136,13 +136,6 @@ def test_model_without_separable_layers_is_unchanged() -> None:
 
     assert result.layers == []
     assert type(result.model[0]) is nn.Conv2d
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("project")
-    write_models_module(folder)
-    return folder
 
 
 def test_densify_command_from_plan_and_state_dict(project: Path, tmp_path: Path) -> None:

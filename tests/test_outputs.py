@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO_ROOT, run_cli
-from model_files import INPUT_SHAPE, INPUT_SHAPE_TEXT, import_models, snapshot, write_models_module
+from model_files import INPUT_SHAPE, INPUT_SHAPE_TEXT, snapshot
 
 from convert import convert_model
 from convert.errors import CheckpointError
@@ -21,18 +21,6 @@ from convert.outputs import OutputSet, check_output_targets, default_plan_path, 
 
 # Outputs of one float32 model computed in two processes, or after a reload: same weights, same kernels.
 RELOAD_TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("project")
-    write_models_module(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def models(project: Path):
-    return import_models(project)
 
 
 def write_bytes(data: bytes):
