@@ -1,6 +1,7 @@
 """dsconv: turn the convolutions of a trained PyTorch model into depthwise-separable pairs."""
 
 from .checkpoint import LoadedModel, load_model
+from .config import LayerConfig, load_config
 from .densify import DensifyResult, densify_model, run_densify
 from .errors import CheckpointError, ConversionError, DsconvError, UsageError
 from .factorize import Factors, factorize_weight, full_rank
@@ -30,6 +31,7 @@ __all__ = [
     "DensifyResult",
     "DsconvError",
     "Factors",
+    "LayerConfig",
     "LayerPlan",
     "LayerResult",
     "LoadedModel",
@@ -42,6 +44,7 @@ __all__ = [
     "factorize_weight",
     "full_rank",
     "inspect_model",
+    "load_config",
     "load_model",
     "load_plan",
     "run_conversion",
