@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -119,22 +120,30 @@ def run_conversion(
     plans = [plan_layer(site, depth_multiplier, usage, allow_larger) for site in sites]
     results = [LayerResult(plan) for plan in plans]
 
-    started = time.perf_counter()
-    replacements: dict[str, nn.Module] = {}
-    for site, result in zip(sites, results):
+    # Each dense conv is swapped out as soon as its replacement exists, and its site is
+    # dropped, so the copy never holds both forms of every layer: peak memory stays near
+    # two copies of the weights (original and copy) instead of growing by the new layers.
+    seconds["factorize"] = seconds["swap"] = 0.0
+    pending = deque(zip(sites, results))
+    del sites
+    while pending:
+        site, result = pending.popleft()
         if not result.plan.converted:
             continue
+        started = time.perf_counter()
         layer, result.relative_error = build_replacement(site.module, result.plan, init)
-        for name in site.names:
-            replacements[name] = layer
-    seconds["factorize"] = time.perf_counter() - started
+        seconds["factorize"] += time.perf_counter() - started
+
+        started = time.perf_counter()
+        target = swap_modules(target, {name: layer for name in site.names})
+        seconds["swap"] += time.perf_counter() - started
+        del site, layer
 
     started = time.perf_counter()
-    target = swap_modules(target, replacements)
     path = "fx" if graph is not None else "swap"
     if graph_module:
         target = build_graph_module(target, graph)
-    seconds["swap"] = time.perf_counter() - started
+    seconds["swap"] += time.perf_counter() - started
 
     result = ConversionResult(target, results, path, trace_error, seconds)
     log.info(
