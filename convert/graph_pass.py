@@ -121,8 +121,8 @@ def run_conversion(
     results = [LayerResult(plan) for plan in plans]
 
     # Each dense conv is swapped out as soon as its replacement exists, and its site is
-    # dropped, so the copy never holds both forms of every layer: peak memory stays near
-    # two copies of the weights (original and copy) instead of growing by the new layers.
+    # dropped, so the copy never contains both forms of every layer. Peak memory then stays
+    # near two copies of the weights (original and copy) instead of growing by the new layers.
     seconds["factorize"] = seconds["swap"] = 0.0
     pending = deque(zip(sites, results))
     del sites
