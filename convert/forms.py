@@ -71,8 +71,8 @@ def check_form(form: object) -> str:
 def default_form(device_type: str) -> str:
     """Return the form used when nothing was measured: while tracing, exporting or scripting.
 
-    On CPU the repeat form was faster for most shapes timed in ``benchmarks/layer_forms.py``
-    (and never much slower). NOTE: the choice for other devices was not measured on a GPU;
+    On CPU the repeat form was faster for most shapes timed in ``benchmarks/layer_speed.py``,
+    and never much slower. NOTE: the choice for other devices was not measured on a GPU;
     ``benchmarks/gpu_check.sh`` prints the timings that would settle it.
     """
     return "repeat" if device_type == "cpu" else "grouped"

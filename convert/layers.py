@@ -177,6 +177,13 @@ class DepthwiseSeparableConvNd(nn.Module):
         dense = torch.einsum("goik,gikp->goip", pointwise, depthwise)
         return dense.reshape(self.out_channels, in_per_group, *kernel)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A measured form is only valid on the hardware that timed it, so copies and
+        # pickles start unmeasured; pin_depthwise_forms or set_depthwise_form persist a form.
+        state = super().__getstate__()
+        state["measured_form"] = ""
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Modules pickled before the depthwise forms existed lack these attributes.
         state.setdefault("depthwise_form", "auto")

@@ -243,3 +243,17 @@ def test_old_pickle_without_form_loads():
 
     assert loaded.depthwise_form == "auto"
     torch.testing.assert_close(loaded(x), expected, **TOLERANCE)
+
+
+def test_pickle_drops_measured_form():
+    layer = DepthwiseSeparableConv2d(4, 8, 3, padding=1, depth_multiplier=2, depthwise_form="repeat")
+    layer.measured_form = "grouped"
+
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+
+    assert loaded.measured_form == ""
+    assert loaded.depthwise_form == "repeat"  # a pinned or forced form is kept
+    assert layer.measured_form == "grouped"
