@@ -2,7 +2,8 @@
 
 Each script prints a Markdown section that names the machine, the library
 versions, the thread count, the memory allocator and the command, so a result
-pasted into ``docs/benchmarks.md`` records how it was made.
+pasted into ``docs/benchmarks.md`` records how it was made. Set ``DSCONV_BENCH_NOTE`` to add a
+line about the conditions, such as other jobs sharing the machine.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def describe_environment(device: str = "cpu") -> str:
         f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads",
         f"- libraries: {library_versions()}",
         f"- memory allocator: {allocator_setting()}",
-        f"- command: `{' '.join(shlex.quote(argument) for argument in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}`",
+        f"- command: `{command_line()}`",
     ]
     if device.startswith("cuda") and torch.cuda.is_available():
         lines.insert(1, f"- GPU: {torch.cuda.get_device_name(torch.device(device))}")
@@ -77,6 +78,17 @@ def describe_environment(device: str = "cpu") -> str:
     if note:
         lines.append(f"- note: {note}")
     return "\n".join(lines)
+
+
+def command_line() -> str:
+    """Return the command that reruns this script from the repository root, allocator variables included."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(REPO_ROOT)
+    except ValueError:
+        pass
+    variables = [f"{name}={os.environ[name]}" for name in ("LD_PRELOAD", *TUNED_GLIBC) if name in os.environ]
+    return " ".join([*variables, "python", shlex.quote(script.as_posix()), *(shlex.quote(argument) for argument in sys.argv[1:])])
 
 
 @dataclass

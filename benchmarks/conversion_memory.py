@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from common import REPO_ROOT, describe_environment
 
 
 def read_status_kib(field: str) -> int:
@@ -109,6 +109,8 @@ def main() -> None:
                 row = run_child(name, multiplier, inplace)
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
+    print("### Peak memory of conversion\n")
+    print(describe_environment() + "\n")
     print(render(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -128,7 +128,7 @@ def main() -> None:
             for layout in parse_list(args.layouts):
                 rows.append(time_layers(shape, batch, layout, args.device, args.min_run_time))
                 print(rows[-1], flush=True, file=sys.stderr)  # progress
-    headers = ["layer", "shape", "batch", "layout", "dense ms"] + [f"K={k} {form} ms (speedup)" for k, form in VARIANTS] + ["MAC ratio K=1/2/4"]
+    headers = ["layer", "shape", "batch", "layout", "dense ms"] + [f"K={k} ms (speedup)" if k == 1 else f"K={k} {form} ms (speedup)" for k, form in VARIANTS] + ["MAC ratio K=1/2/4"]
     print(f"### Per-layer timing on {args.device}\n")
     print(describe_environment(args.device) + "\n")
     print(markdown_table(headers, rows))
