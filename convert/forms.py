@@ -13,7 +13,7 @@ share one weight tensor of shape ``(C_in * K, 1, *kernel)``:
 Many CPU kernels only have a fast path for one filter per group, so the grouped
 form can be several times slower there (see ``docs/benchmarks.md``). Which one is
 faster depends on the device, dtype, shape and memory format, so ``"auto"`` (the
-default) times both forms the first time a layer sees a new input shape and
+default) times both forms the first time a layer receives a new input shape and
 caches the winner. Use :func:`pin_depthwise_forms` before exporting or scripting
 to freeze the measured choice into each layer, or :func:`set_depthwise_form` to
 force one form everywhere.
