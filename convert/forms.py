@@ -57,6 +57,8 @@ TIMED_CALLS = 5
 REPEAT_MARGIN = 0.05
 
 # Measured winners, keyed by device, dtype, input shape, memory format and layer geometry.
+# NOTE: each new input shape costs one timing run per layer and one entry here, so a
+# model fed many image sizes should use pin_depthwise_forms or set_depthwise_form.
 FormKey = tuple[Any, ...]
 FORM_CACHE: dict[FormKey, str] = {}
 
