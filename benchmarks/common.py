@@ -28,6 +28,11 @@ if str(REPO_ROOT) not in sys.path:
 TUNED_GLIBC = {"MALLOC_MMAP_THRESHOLD_": "17179869184", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
 
 
+# One-minute load average when the script started; with the one at the end it shows
+# whether other jobs shared the machine during the run.
+LOAD_AT_START = os.getloadavg()[0]
+
+
 def cpu_model() -> str:
     """Return the CPU model name from ``/proc/cpuinfo``, or the platform's processor string."""
     try:
@@ -71,6 +76,7 @@ def describe_environment(device: str = "cpu") -> str:
         f"- libraries: {library_versions()}",
         f"- memory allocator: {allocator_setting()}",
         f"- command: `{command_line()}`",
+        f"- load average (1 min): {LOAD_AT_START:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
     ]
     if device.startswith("cuda") and torch.cuda.is_available():
         lines.insert(1, f"- GPU: {torch.cuda.get_device_name(torch.device(device))}")

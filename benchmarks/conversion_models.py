@@ -57,6 +57,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
+    # Warm-up: the first SVD and the first trace pay one-time library initialization.
+    run_conversion(torchvision.models.resnet18())
+
     rows = []
     for name in parse_list(args.models):
         rows.append(time_model(name, args.repeats, args.depth_multiplier))
