@@ -55,9 +55,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def channel_matrices(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """Reshape a dense weight into one ``(C_out / groups, prod(kernel))`` matrix per input channel.
 
-    The matrices are in the dtype the SVD runs in. Raises ``ValueError`` on NaN or inf.
+    The matrices are on the CPU, in the dtype the SVD runs in. Raises ``ValueError`` on NaN or inf.
     """
-    weight = weight.detach().to(compute_dtype(weight.dtype))
+    # NOTE: the SVD runs on the CPU even for CUDA weights, because a batched SVD of
+    # thousands of small matrices is expected to be slower through cuSOLVER; this was not
+    # measured on a GPU here, and benchmarks/gpu_check.sh times both devices.
+    weight = weight.detach().to(device="cpu", dtype=compute_dtype(weight.dtype))
     if not torch.isfinite(weight).all():
         raise ValueError("the weight contains NaN or infinite values, so it has no SVD")
     out_channels, in_per_group = weight.shape[:2]
@@ -93,8 +96,8 @@ def factorize_weight(weight: torch.Tensor, depth_multiplier: int, groups: int = 
     """Factor a dense conv weight into depthwise and pointwise weights by truncated SVD.
 
     ``weight`` has shape ``(C_out, C_in / groups, *kernel)``. The SVD runs in float32
-    (float64 for float64 weights) on the weight's device; the factors come back in the
-    weight's dtype. ``depth_multiplier`` must not exceed :func:`full_rank`.
+    (float64 for float64 weights) on the CPU; the factors come back on the weight's
+    device and in its dtype. ``depth_multiplier`` must not exceed :func:`full_rank`.
     """
     out_channels = weight.shape[0]
     kernel_size = tuple(weight.shape[2:])
@@ -115,8 +118,8 @@ def factorize_weight(weight: torch.Tensor, depth_multiplier: int, groups: int = 
     pointwise = scaled.reshape(out_channels, in_channels // groups * multiplier, *([1] * len(kernel_size)))
 
     return Factors(
-        depthwise=depthwise.to(weight.dtype).contiguous(),
-        pointwise=pointwise.to(weight.dtype).contiguous(),
+        depthwise=depthwise.to(device=weight.device, dtype=weight.dtype).contiguous(),
+        pointwise=pointwise.to(device=weight.device, dtype=weight.dtype).contiguous(),
         relative_error=truncation_error(s, multiplier),
     )
 

@@ -12,6 +12,7 @@ import copy
 import logging
 import pickle
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -202,21 +203,15 @@ def run_conversion(
     results = [LayerResult(plan) for plan in plans]
     seconds["select"] = time.perf_counter() - started
 
-    started = time.perf_counter()
     if init == "data":
         check_data_init_supported(results, planning.effective)
+        started = time.perf_counter()
         # fitting swaps each layer in as soon as it is fitted, because later layers are fitted on its outputs
         assert calibration is not None and reference is not None, "checked above"
         target = fit_to_data(reference, target, planning.sites, results, calibration, show_progress)
         seconds["calibrate"] = time.perf_counter() - started
-        replacements: dict[str, nn.Module] = {}
     else:
-        replacements = build_replacements(planning.sites, results, init, planning.effective)
-        seconds["factorize"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    target = swap_modules(target, replacements)
-    seconds["swap"] = time.perf_counter() - started
+        target = replace_layers(target, planning, results, init, seconds)
     if calibration is not None and init != "data":
         assert reference is not None, "set with calibration"
         started = time.perf_counter()
@@ -229,7 +224,7 @@ def run_conversion(
     if wrapper is not None:
         wrapper.module = target
         target = wrapper
-    seconds["swap"] += time.perf_counter() - started
+    seconds["swap"] = seconds.get("swap", 0.0) + time.perf_counter() - started
 
     path = "fx" if planning.graph is not None else "swap"
     result = ConversionResult(target, results, path, planning.trace_error, seconds)
@@ -641,19 +636,34 @@ def build_replacement(
     return layer, error
 
 
-def build_replacements(
-    sites: list[ConvSite], results: list[LayerResult], init: str, effective: dict[str, EffectiveConv]
-) -> dict[str, nn.Module]:
-    """Build the planned layers from their weights (``init`` is "svd" or "random"), keyed by every name of their conv."""
-    replacements: dict[str, nn.Module] = {}
-    for site, result in progress(zip(sites, results), description="factorize", total=len(sites)):
+def replace_layers(
+    target: nn.Module, planning: Planning, results: list[LayerResult], init: str, seconds: dict[str, float]
+) -> nn.Module:
+    """Build each planned layer (``init`` is "svd" or "random") and swap it in at once; returns the new root.
+
+    Each dense conv is swapped out as soon as its replacement exists, and the pass
+    drops its own references to it, so the copy never holds both forms of every
+    layer. Peak memory then stays near two copies of the weights (the caller's model
+    and the copy) instead of growing by the new layers.
+    """
+    seconds["factorize"] = seconds["swap"] = 0.0
+    pending = deque(zip(planning.sites, results))
+    planning.sites = []
+    for _ in progress(range(len(pending)), description="factorize", total=len(pending)):
+        site, result = pending.popleft()
         if not result.plan.converted:
             continue
-        layer, result.relative_error = build_replacement(site.module, result.plan, init, effective.get(site.name))
+        started = time.perf_counter()
+        effective = planning.effective.pop(site.name, None)
+        layer, result.relative_error = build_replacement(site.module, result.plan, init, effective)
         result.init = init
-        for name in site.names:
-            replacements[name] = layer
-    return replacements
+        seconds["factorize"] += time.perf_counter() - started
+
+        started = time.perf_counter()
+        target = swap_modules(target, dict.fromkeys(site.names, layer))
+        seconds["swap"] += time.perf_counter() - started
+        del site, layer, effective
+    return target
 
 
 def swap_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:

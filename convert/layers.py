@@ -5,6 +5,9 @@ A layer is two named halves: ``conv_dw``, a depthwise convolution with
 ``conv_pw``, a pointwise (kernel size 1) convolution. The depthwise half carries
 the spatial geometry of the replaced conv (kernel size, stride, padding,
 dilation, padding mode); the pointwise half carries the bias and the groups.
+
+With a depth multiplier above 1 the depthwise half runs in one of two exact
+forms, chosen by timing unless fixed with ``depthwise_form`` (see :mod:`convert.forms`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .forms import can_measure, check_form, choose_form, default_form
 
 if TYPE_CHECKING:
     from .factorize import Factors
@@ -39,6 +45,20 @@ class DepthwiseSeparableConvNd(nn.Module):
 
     _conv_type: type[nn.modules.conv._ConvNd]
 
+    # TorchScript cannot compile these (``tuple[int, ...]`` annotations); forward does not use them.
+    __jit_unused_properties__ = [
+        "in_channels",
+        "out_channels",
+        "depth_multiplier",
+        "groups",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "padding_mode",
+        "bias",
+    ]
+
     def __init__(
         self,
         in_channels: int,
@@ -53,9 +73,15 @@ class DepthwiseSeparableConvNd(nn.Module):
         depth_multiplier: int = 1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        depthwise_form: str = "auto",
     ) -> None:
         super().__init__()
         check_positive_int("depth_multiplier", depth_multiplier)
+        # How the depthwise half runs when depth_multiplier > 1: "auto" (timed and
+        # cached per input shape), "grouped" or "repeat"; see convert.forms.
+        self.depthwise_form = check_form(depthwise_form)
+        # The form "auto" chose on the last eager call ("" before any), reused while compiling or exporting.
+        self.measured_form = ""
         check_positive_int("groups", groups)
         if in_channels % groups or out_channels % groups:
             raise ValueError(
@@ -151,8 +177,63 @@ class DepthwiseSeparableConvNd(nn.Module):
         dense = torch.einsum("goik,gikp->goip", pointwise, depthwise)
         return dense.reshape(self.out_channels, in_per_group, *kernel)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A measured form is only valid on the hardware that timed it, so copies and
+        # pickles start unmeasured; pin_depthwise_forms or set_depthwise_form persist a form.
+        state = super().__getstate__()
+        state["measured_form"] = ""
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Modules pickled before the depthwise forms existed lack these attributes.
+        state.setdefault("depthwise_form", "auto")
+        state.setdefault("measured_form", "")
+        super().__setstate__(state)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_pw(self.conv_dw(x))
+        return self.conv_pw(self.depthwise(x))
+
+    def depthwise(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the depthwise half in the form that ``depthwise_form`` selects."""
+        if self.conv_dw.out_channels == self.conv_dw.in_channels:
+            return self.conv_dw(x)  # multiplier 1: both forms are the same conv
+        form = self.depthwise_form
+        if form == "auto":
+            if torch.jit.is_scripting():
+                form = self.measured_form if self.measured_form != "" else default_form(x.device.type)
+            else:
+                form = self.resolve_auto_form(x)
+        if form == "repeat":
+            return self.depthwise_repeated(x)
+        if form == "grouped":
+            return self.conv_dw(x)
+        raise ValueError("depthwise_form=" + form + " is not supported: choose one of auto, grouped, repeat")
+
+    @torch.jit.unused
+    def resolve_auto_form(self, x: torch.Tensor) -> str:
+        """Pick the faster form for ``x`` and remember it for later compiled or exported runs."""
+        form = choose_form(self, x)
+        if can_measure(x):  # otherwise the form is only the fallback, not a measurement
+            self.measured_form = form
+        return form
+
+    def depthwise_repeated(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the depthwise half as channel repetition then a conv with one filter per group."""
+        conv = self.conv_dw
+        multiplier = conv.out_channels // conv.in_channels
+        if conv.padding_mode != "zeros":
+            # Pad the C_in input channels before repeating them: K times cheaper than after.
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+            return self.depthwise_conv(repeat_channels(x, multiplier), padded=True)
+        return self.depthwise_conv(repeat_channels(x, multiplier), padded=False)
+
+    def depthwise_conv(self, x: torch.Tensor, padded: bool) -> torch.Tensor:
+        """Apply ``conv_dw.weight`` with one filter per group to ``x`` (input already repeated).
+
+        ``padded=True`` means ``x`` was padded by hand for a non-zero padding mode, so
+        the conv adds none. Each subclass calls the functional conv of its dimension.
+        """
+        raise NotImplementedError
 
     @property
     def in_channels(self) -> int:
@@ -217,6 +298,12 @@ class DepthwiseSeparableConv1d(DepthwiseSeparableConvNd):
 
     _conv_type = nn.Conv1d
 
+    def depthwise_conv(self, x: torch.Tensor, padded: bool) -> torch.Tensor:
+        conv = self.conv_dw
+        if padded:
+            return F.conv1d(x, conv.weight, None, conv.stride, 0, conv.dilation, conv.out_channels)
+        return F.conv1d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.out_channels)
+
 
 class DepthwiseSeparableConv2d(DepthwiseSeparableConvNd):
     """Depthwise-separable replacement of :class:`torch.nn.Conv2d`.
@@ -230,11 +317,23 @@ class DepthwiseSeparableConv2d(DepthwiseSeparableConvNd):
 
     _conv_type = nn.Conv2d
 
+    def depthwise_conv(self, x: torch.Tensor, padded: bool) -> torch.Tensor:
+        conv = self.conv_dw
+        if padded:
+            return F.conv2d(x, conv.weight, None, conv.stride, 0, conv.dilation, conv.out_channels)
+        return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.out_channels)
+
 
 class DepthwiseSeparableConv3d(DepthwiseSeparableConvNd):
     """Depthwise-separable replacement of :class:`torch.nn.Conv3d`."""
 
     _conv_type = nn.Conv3d
+
+    def depthwise_conv(self, x: torch.Tensor, padded: bool) -> torch.Tensor:
+        conv = self.conv_dw
+        if padded:
+            return F.conv3d(x, conv.weight, None, conv.stride, 0, conv.dilation, conv.out_channels)
+        return F.conv3d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.out_channels)
 
 
 # Exact dense type -> separable type; subclasses of nn.Conv*d are deliberately absent.
@@ -269,6 +368,35 @@ def separable_type_for(conv: nn.Module) -> type[DepthwiseSeparableConvNd]:
         return SEPARABLE_BY_DENSE[type(conv)]
     except KeyError:
         raise TypeError(f"no depthwise-separable form for {type(conv).__name__}") from None
+
+
+def repeat_channels(x: torch.Tensor, multiplier: int) -> torch.Tensor:
+    """Repeat each channel of ``x`` (dim 1) ``multiplier`` times in place: c0, c0, c1, c1, ...
+
+    Same result as ``x.repeat_interleave(multiplier, dim=1)``, built from
+    expand and flatten, which every exporter handles. A channels-last input stays
+    channels-last: the copy is made along the last dimension of its memory order.
+    """
+    if not x.is_contiguous() and channels_last_for(x):
+        # (N, *spatial, C) -> (N, *spatial, C, K) -> (N, *spatial, C*K) -> (N, C*K, *spatial)
+        moved = x.movedim(1, -1)
+        sizes = [-1] * moved.dim()
+        sizes.append(multiplier)
+        return moved.unsqueeze(-1).expand(sizes).flatten(-2, -1).movedim(-1, 1)
+    # (N, C, *spatial) -> (N, C, K, *spatial) -> (N, C*K, *spatial)
+    sizes = [-1, -1, multiplier]
+    for _ in range(x.dim() - 2):
+        sizes.append(-1)
+    return x.unsqueeze(2).expand(sizes).flatten(1, 2)
+
+
+def channels_last_for(x: torch.Tensor) -> bool:
+    """Return whether ``x`` is 4-d channels-last or 5-d channels-last-3d in memory."""
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
 
 
 def check_positive_int(name: str, value: object) -> None:
