@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import torch
 from torch import nn
@@ -71,6 +71,13 @@ examples:
 """
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other dsconv error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 class Terminated(BaseException):
     """SIGTERM, raised as an exception so that staged output files are removed on the way out."""
 
@@ -121,7 +128,7 @@ def sigterm_as_exception() -> Iterator[None]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="dsconv",
         description="Convert the convolutions of a trained PyTorch model into depthwise-separable pairs.",
         epilog=EPILOG,
@@ -529,6 +536,7 @@ def run_convert(args: argparse.Namespace) -> int:
     if not result.converted:
         raise ConversionError(nothing_converted_message(args.input, result))
     report = measure_conversion(args, conversion)
+    reject_non_finite_outputs(args, report)
     check = run_check(args, conversion.original, result.model)
     if check is not None:
         report.notes.append(check.describe())
@@ -557,6 +565,23 @@ def run_convert(args: argparse.Namespace) -> int:
     if args.report is None:
         sys.stdout.write(text)
     return finish_check(check, args)
+
+
+def reject_non_finite_outputs(args: argparse.Namespace, report: ConversionReport) -> None:
+    """Fail the conversion when either model returns NaN or inf on the sample input."""
+    difference = report.output_difference
+    if difference is None or (difference.original_finite and difference.converted_finite):
+        return
+    shape = ",".join(map(str, args.input_shape))
+    if not difference.original_finite:
+        raise ConversionError(
+            f"{args.input}: the original model's output on a random input of shape {shape} contains NaN or inf, "
+            "so the conversion cannot be checked (are the weights from a diverged training run?); nothing was written"
+        )
+    raise ConversionError(
+        f"{args.input}: the converted model's output on a random input of shape {shape} contains NaN or inf, "
+        "although the original's does not; nothing was written"
+    )
 
 
 def nothing_converted_message(path: Path, result: ConversionResult) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +59,22 @@ def checkpoint_size(model: nn.Module) -> int:
     return buffer.tell()
 
 
+def import_benchmark() -> Any:
+    """Import ``torch.utils.benchmark``, hiding the CUDA_HOME warning its import logs on CPU-only machines.
+
+    The import loads ``torch.utils.cpp_extension``, which is slow and warns about
+    compiling extensions, which dsconv never does; so it is imported on first use.
+    """
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        logger.setLevel(previous)
+    return benchmark
+
+
 @dataclass
 class LatencyStats:
     """Forward-pass latency from ``torch.utils.benchmark``: median and interquartile range."""
@@ -82,7 +99,7 @@ def measure_latency(
     ``Timer.blocked_autorange`` synchronizes CUDA around each block, so GPU times are
     real; the model and input must already be on the device to measure.
     """
-    from torch.utils import benchmark  # imported here: it loads torch.utils.cpp_extension, which is slow
+    benchmark = import_benchmark()
 
     threads = threads or torch.get_num_threads()
     with torch.inference_mode():
@@ -110,12 +127,15 @@ class OutputDifference:
     """How far the converted model's outputs moved, over all output tensors.
 
     ``max_relative`` is the max absolute difference divided by the max absolute
-    value of the original output, so it does not blow up near zero entries.
+    value of the original output, so it does not blow up near zero entries. Both
+    are NaN when an output contains NaN, and the ``*_finite`` flags say which.
     """
 
     max_absolute: float
     max_relative: float
     tensors: int
+    original_finite: bool = True
+    converted_finite: bool = True
 
 
 def iter_tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -138,13 +158,20 @@ def compare_outputs(original: Any, converted: Any) -> OutputDifference:
         raise ValueError(f"the outputs hold {len(originals)} and {len(converteds)} tensors, so they cannot be compared")
     max_absolute = 0.0
     max_reference = 0.0
+    original_finite = converted_finite = True
     for before, after in zip(originals, converteds):
         if before.shape != after.shape:
             raise ValueError(f"output shapes differ: {tuple(before.shape)} against {tuple(after.shape)}")
         if before.numel() == 0 or not before.is_floating_point():
             continue
         before, after = before.detach().double(), after.detach().double()
-        max_absolute = max(max_absolute, float((before - after).abs().max()))
-        max_reference = max(max_reference, float(before.abs().max()))
-    max_relative = max_absolute / max_reference if max_reference > 0 else (0.0 if max_absolute == 0 else float("inf"))
-    return OutputDifference(max_absolute, max_relative, len(originals))
+        original_finite = original_finite and bool(torch.isfinite(before).all())
+        converted_finite = converted_finite and bool(torch.isfinite(after).all())
+        # torch.max propagates NaN, where Python's max() would silently drop it
+        max_absolute = float(torch.tensor(max_absolute).maximum((before - after).abs().max()))
+        max_reference = float(torch.tensor(max_reference).maximum(before.abs().max()))
+    if max_reference > 0:
+        max_relative = max_absolute / max_reference
+    else:
+        max_relative = max_absolute if math.isnan(max_absolute) else (0.0 if max_absolute == 0 else float("inf"))
+    return OutputDifference(max_absolute, max_relative, len(originals), original_finite, converted_finite)

@@ -8,7 +8,7 @@ frontier (each step a growing budget buys), one fixed multiplier everywhere
 nothing is converted or run to draw them. With calibration data they are the
 output-weighted ones that the budget rule uses.
 
-matplotlib is an optional dependency: ``pip install 'dsconv[plot]'``.
+matplotlib is an optional dependency (the project's ``plot`` extra).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ __all__ = [
     "save_tradeoff_plot",
 ]
 
-INSTALL_HINT = "pip install 'dsconv[plot]'"
+INSTALL_HINT = "pip install matplotlib (or the project's [plot] extra)"
 
 
 def require_matplotlib() -> Any:

@@ -61,7 +61,7 @@ class LayerRow:
     kernel_size: tuple[int, ...]
     stride: tuple[int, ...]
     groups: int
-    requested_multiplier: int
+    requested_multiplier: int | None
     depth_multiplier: int | None
     params_before: int
     params_after: int | None
@@ -263,7 +263,8 @@ def describe_run(report: ConversionReport) -> str:
     lines = [
         f"path: {path}" + (f" (tracing failed: {report.trace_error})" if report.trace_error else ""),
         f"init: {report.init}; input: {shape_text(report.input_shape)} {report.dtype} on {report.device}",
-        f"{report.mac_unit}; latency: torch.utils.benchmark median over the runs shown, after warm-up",
+        f"{report.mac_unit}; "
+        + ("latency: torch.utils.benchmark median over the runs shown, after warm-up" if report.before.latency else "latency: not measured"),
     ]
     if any(row.output_error is not None for row in report.layers):
         lines.append(
@@ -278,6 +279,10 @@ def describe_run(report: ConversionReport) -> str:
             f"output difference on the sample input: max abs {difference.max_absolute:.3g}, "
             f"max relative {difference.max_relative:.3g} (max abs difference / max abs original output)"
         )
+        if not difference.original_finite:
+            lines.append("warning: the original model's output on the sample input contains NaN or inf, so the difference means nothing")
+        elif not difference.converted_finite:
+            lines.append("warning: the converted model's output on the sample input contains NaN or inf")
     return "\n".join(lines)
 
 
@@ -327,7 +332,7 @@ def timing_text(row: LayerRow) -> str:
 def converted_row(row: LayerRow) -> list[str]:
     error = "-" if row.relative_error is None else f"{row.relative_error:.4f}"
     multiplier = str(row.depth_multiplier)
-    if row.depth_multiplier != row.requested_multiplier:
+    if row.requested_multiplier is not None and row.depth_multiplier != row.requested_multiplier:
         multiplier += f" (requested {row.requested_multiplier})"
     return [
         row.name,
@@ -374,7 +379,8 @@ def render_plans(
 
     rows = []
     for plan, record in zip(plans, records):
-        planned = "-" if plan.depth_multiplier is None else f"{plan.depth_multiplier} ({plan.setting_source})"
+        rule = plan.rank_rule if plan.rank_rule != "fixed" else plan.setting_source
+        planned = "-" if plan.depth_multiplier is None else f"{plan.depth_multiplier} ({rule})"
         cells = [plan.name, plan.type_name, f"{plan.in_channels}->{plan.out_channels}", kernel_text(plan.kernel_size), plan.groups, f"{plan.params_before:,}", plan.full_rank, planned]
         for cost in record["costs"].values():
             cells.append("-" if cost["relative_error"] is None else f"{cost['params']:,} ({cost['relative_error']:.3f})")

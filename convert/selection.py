@@ -48,8 +48,8 @@ class LayerPlan:
     """The decision for one conv, before any weight is factored.
 
     ``depth_multiplier`` is the multiplier that will be used (already lowered to the
-    full rank), ``requested_multiplier`` the one requested (0 when the config leaves
-    the layer alone), and ``reason`` is set exactly when the layer is skipped.
+    full rank), ``requested_multiplier`` the one requested (``None`` when the config
+    leaves the layer alone), and ``reason`` is set exactly when the layer is skipped.
     ``factorable`` is true when nothing but size or the config blocks the conversion,
     so costs at other multipliers can still be shown. ``setting_source`` names the
     config rule that set the multiplier, ``effective`` describes what was factored
@@ -69,7 +69,7 @@ class LayerPlan:
     groups: int
     bias: bool
     full_rank: int
-    requested_multiplier: int
+    requested_multiplier: int | None
     depth_multiplier: int | None
     params_before: int
     params_after: int | None
@@ -204,8 +204,7 @@ def plan_layer(
     reason, effective = structural_reason(site, usage, options)
     geometry = effective.conv if effective is not None else conv
     rank = full_rank(geometry.out_channels, geometry.kernel_size, geometry.groups)
-    requested = setting if setting is not None else 0
-    multiplier = min(requested, rank)
+    multiplier = min(setting, rank) if setting is not None else 0
     before = dense_parameters(geometry)
     after = separable_parameters(geometry, multiplier)
 
@@ -236,7 +235,7 @@ def plan_layer(
         groups=geometry.groups,
         bias=geometry.bias is not None,
         full_rank=rank,
-        requested_multiplier=requested,
+        requested_multiplier=setting,
         depth_multiplier=multiplier if converted else None,
         params_before=before,
         params_after=after if converted else None,

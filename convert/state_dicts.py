@@ -183,10 +183,14 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
             more = " ..." if len(keys) > LISTED_KEYS else ""
             problems.append(f"{label}: {listed}{more} ({len(keys)} in all)")
     if problems:
-        raise CheckpointError(
-            f"the weights in {path} do not fit {arch}: " + "; ".join(problems)
-            + ". Check --arch and its --arch-arg values (for example num_classes)"
-        )
+        if any(key.endswith((".conv_dw.weight", ".conv_pw.weight")) for key in unexpected):
+            hint = (
+                ". These are the weights of a converted model: pass --plan with the conversion plan "
+                "(NAME.plan.json) that dsconv wrote next to them"
+            )
+        else:
+            hint = ". Check --arch and its --arch-arg values (for example num_classes)"
+        raise CheckpointError(f"the weights in {path} do not fit {arch}: " + "; ".join(problems) + hint)
     model.load_state_dict(state_dict)
 
 

@@ -255,3 +255,32 @@ def test_bad_selection_flags(checkpoints, tmp_path, arguments, message):
     assert completed.returncode == 2, completed.stderr
     assert message.format(**files) in completed.stderr
     assert not output.exists()
+
+
+def test_non_finite_output_fails_conversion(tmp_path):
+    model = torchvision.models.resnet18(num_classes=10)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(1e30)  # finite weights whose activations overflow, as after a diverged step
+    source = tmp_path / "diverged.pt"
+    torch.save(model.state_dict(), source)
+    output = tmp_path / "out.pt"
+    completed = run_cli("convert", str(source), "--arch", "torchvision.models:resnet18", "--arch-arg", "num_classes=10", "-o", str(output), *FAST)
+    assert completed.returncode == 1, completed.stderr
+    assert "the original model's output on a random input of shape 1,3,64,64 contains NaN or inf" in completed.stderr
+    assert not output.exists()
+
+
+def test_argument_errors_are_one_line(checkpoints):
+    completed = run_cli("convert", str(checkpoints["module"]), "-o", "out.pt", "--rank", "budgte")
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines() == [
+        "dsconv convert: error: argument --rank: invalid choice: 'budgte' (choose from 'fixed', 'energy', 'budget'); see dsconv convert --help"
+    ]
+
+
+def test_inspect_names_rank_rule(checkpoints):
+    completed = run_cli("inspect", str(checkpoints["state_dict"]), "--arch", "torchvision.models:resnet18", "--arch-arg", "num_classes=10", "--rank", "energy", "--energy", "0.5")
+    assert completed.returncode == 0, completed.stderr
+    assert "(energy 0.5)" in completed.stdout
+    assert "(depth_multiplier)" not in completed.stdout

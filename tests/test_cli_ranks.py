@@ -189,5 +189,5 @@ def test_plot_without_matplotlib(files: dict[str, Path], tmp_path: Path, monkeyp
     completed = run_cli(*convert_arguments(files, "--plot", str(tmp_path / "plot.png")))
 
     assert completed.returncode == 2
-    assert "plotting needs matplotlib, which is not installed: pip install 'dsconv[plot]'" in completed.stderr
+    assert "plotting needs matplotlib, which is not installed: pip install matplotlib (or the project's [plot] extra)" in completed.stderr
     assert not files["output"].exists()

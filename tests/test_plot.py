@@ -109,5 +109,5 @@ def test_unknown_suffix_is_rejected_before_work(resnet: torch.nn.Module, tmp_pat
 
 def test_missing_matplotlib_names_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes "import matplotlib" raise ImportError
-    with pytest.raises(UsageError, match=r"pip install 'dsconv\[plot\]'"):
+    with pytest.raises(UsageError, match=r"pip install matplotlib \(or the project's \[plot\] extra\)"):
         require_matplotlib()

@@ -138,3 +138,11 @@ def test_render_plans_prices_each_multiplier():
     data = json.loads(render_plans(model, plans, (1, 2), "json"))
     assert data["layers"][0]["costs"]["K=2"]["params"] == 102
     assert data["layers"][1]["costs"]["K=1"]["relative_error"] is None
+
+
+def test_compare_outputs_keeps_nan_visible():
+    before = torch.tensor([1.0, float("nan")])
+    difference = compare_outputs(before, torch.tensor([1.0, 2.0]))
+    assert difference.original_finite is False
+    assert difference.converted_finite is True
+    assert difference.max_absolute != difference.max_absolute  # NaN, not silently 0
