@@ -1,4 +1,4 @@
-"""Time ``run_conversion`` (copy, trace, SVD, swap) on torchvision models; no latency measurement.
+"""Time ``run_conversion`` (copy, trace, rank selection, SVD, swap) on torchvision models; no latency measurement.
 
 Usage:
     python benchmarks/conversion_time.py                      # resnet50, 7 repeats
@@ -21,7 +21,7 @@ import torchvision
 
 from convert import run_conversion
 
-PHASES = ("copy", "trace", "factorize", "swap")
+PHASES = ("copy", "trace", "select", "factorize", "swap")
 
 
 def time_model(name: str, repeats: int, depth_multiplier: int) -> dict[str, float]:
@@ -58,8 +58,8 @@ def main() -> None:
     parser.add_argument("--depth-multiplier", type=int, default=1, help="depth multiplier (default: 1)")
     args = parser.parse_args()
 
-    print("| model | copy s | trace s | factorize s | swap s | total s |")
-    print("|---|---|---|---|---|---|")
+    print("| model | copy s | trace s | select s | factorize s | swap s | total s |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.models:
         medians = time_model(name, args.repeats, args.depth_multiplier)
         cells = " | ".join(f"{medians[phase]:.3f}" for phase in (*PHASES, "total"))
