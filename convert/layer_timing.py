@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import UsageError
 from .layers import separable_type_for
-from .measure import measure_latency
+from .measure import measure_latency, run_with_hooks
 from .selection import LayerPlan
 
 __all__ = ["LayerTimer", "capture_layer_inputs", "keep_faster_layers", "resolve_timing_device", "time_layer"]
@@ -58,14 +58,7 @@ def capture_layer_inputs(
         for name in names_by_module[id(module)]:
             captured.setdefault(name, inputs[0].detach())
 
-    modules = {id(module): module for module in convs.values()}
-    handles = [module.register_forward_pre_hook(record) for module in modules.values()]
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(model, example_input, convs.values(), record, pre=True)
     return captured
 
 

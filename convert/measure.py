@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import math
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +19,32 @@ __all__ = [
     "count_parameters",
     "count_macs",
     "checkpoint_size",
+    "run_with_hooks",
     "measure_latency",
     "compare_outputs",
 ]
 
 log = logging.getLogger(__name__)
+
+
+def run_with_hooks(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    modules: Iterable[nn.Module],
+    hook: Callable[..., None],
+    *,
+    pre: bool = False,
+) -> None:
+    """Run ``model`` once without gradients, with ``hook`` on each distinct module (a pre-hook if ``pre``)."""
+    distinct = {id(module): module for module in modules}.values()
+    register = (lambda module: module.register_forward_pre_hook(hook)) if pre else (lambda module: module.register_forward_hook(hook))
+    handles = [register(module) for module in distinct]
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -47,7 +68,12 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> tuple[int, dict
     for key, counts in counter.get_flop_counts().items():
         if key == "Global":
             continue
-        name = key[len(root) + 1 :] if key.startswith(f"{root}.") else ("" if key == root else key)
+        if key.startswith(f"{root}."):
+            name = key[len(root) + 1 :]
+        elif key == root:
+            name = ""
+        else:
+            name = key
         per_module[name] = sum(counts.values()) // 2
     return counter.get_total_flops() // 2, per_module
 
@@ -128,7 +154,7 @@ class OutputDifference:
 
     ``max_relative`` is the max absolute difference divided by the max absolute
     value of the original output, so it does not blow up near zero entries. Both
-    are NaN when an output contains NaN, and the ``*_finite`` flags say which.
+    are NaN when an output contains NaN, and the ``*_finite`` flags tell which output.
     """
 
     max_absolute: float
@@ -170,8 +196,10 @@ def compare_outputs(original: Any, converted: Any) -> OutputDifference:
         # torch.max propagates NaN, where Python's max() would silently drop it
         max_absolute = float(torch.tensor(max_absolute).maximum((before - after).abs().max()))
         max_reference = float(torch.tensor(max_reference).maximum(before.abs().max()))
-    if max_reference > 0:
-        max_relative = max_absolute / max_reference
+    if max_reference > 0 or math.isnan(max_absolute):
+        max_relative = max_absolute / max_reference if max_reference > 0 else max_absolute
+    elif max_absolute == 0:
+        max_relative = 0.0
     else:
-        max_relative = max_absolute if math.isnan(max_absolute) else (0.0 if max_absolute == 0 else float("inf"))
+        max_relative = float("inf")
     return OutputDifference(max_absolute, max_relative, len(originals), original_finite, converted_finite)

@@ -36,6 +36,7 @@ from torch import nn
 from .errors import UsageError
 from .factorize import channel_spectra
 from .layers import check_positive_int
+from .measure import run_with_hooks
 from .selection import LayerPlan, dense_parameters, separable_parameters
 
 __all__ = [
@@ -239,13 +240,7 @@ def count_output_positions(model: nn.Module, example_input: torch.Tensor, convs:
         name = by_module[id(module)]
         positions[name] += output.numel() // module.out_channels  # also right for unbatched inputs
 
-    handles = [module.register_forward_hook(record) for module in {id(m): m for m in convs.values()}.values()]
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(model, example_input, convs.values(), record)
     return positions
 
 
