@@ -28,6 +28,7 @@ from typing import Any
 
 from torch import nn
 
+from .effective import SamePadMixin, use_same_padding
 from .layers import SEPARABLE_BY_DENSE, DepthwiseSeparableConvNd, check_positive_int, layer_arguments
 
 __all__ = [
@@ -56,6 +57,8 @@ class PlannedLayer:
 
     ``padding`` is a tuple of ints or a string (``"same"``/``"valid"``), as the conv
     constructor takes it, and ``bias`` is true when the conv has a bias.
+    ``same_padding`` is true when the depthwise half pads each input dynamically,
+    as a converted conv subclass with TensorFlow-style "same" padding does.
     """
 
     name: str
@@ -72,6 +75,7 @@ class PlannedLayer:
     padding_mode: str
     depth_multiplier: int
     aliases: tuple[str, ...] = ()
+    same_padding: bool = False
 
     def geometry(self) -> dict[str, Any]:
         return {attribute: getattr(self, attribute) for attribute in GEOMETRY}
@@ -146,6 +150,9 @@ def parse_layer(entry: Any, index: int) -> PlannedLayer:
     aliases = entry.get("aliases", [])
     if not isinstance(aliases, list) or not all(isinstance(alias, str) for alias in aliases):
         raise ValueError(f"layer {label}: field aliases={aliases!r} must be a list of names")
+    same_padding = entry.get("same_padding", False)
+    if not isinstance(same_padding, bool):
+        raise ValueError(f"layer {label}: field same_padding={same_padding!r} must be true or false")
     return PlannedLayer(
         name=name,
         conv_type=conv_type,
@@ -161,6 +168,7 @@ def parse_layer(entry: Any, index: int) -> PlannedLayer:
         padding_mode=required("padding_mode", str),
         depth_multiplier=depth_multiplier,
         aliases=tuple(aliases),
+        same_padding=same_padding,
     )
 
 
@@ -182,6 +190,7 @@ def build_plan(model: nn.Module) -> ConversionPlan:
             conv_type=module._conv_type.__name__,
             module=type(module).__name__,
             depth_multiplier=module.depth_multiplier,
+            same_padding=isinstance(module.conv_dw, SamePadMixin),
             **geometry_of(module),
         )
     return ConversionPlan(model=type(model).__name__, layers=list(layers.values()), dsconv_version=__version__)
@@ -238,6 +247,8 @@ def apply_plan(
         assert isinstance(current, nn.modules.conv._ConvNd), "check_conv_fits accepts only conv types"
         check_positive_int("depth_multiplier", layer.depth_multiplier)
         separable = SEPARABLE_BY_NAME[layer.module](**layer_arguments(current, layer.depth_multiplier))
+        if layer.same_padding:
+            use_same_padding(separable)
         separable.copy_mode_and_layout(current)
         for name in names:
             replacements[name] = separable
@@ -270,8 +281,13 @@ def is_planned_layer(module: nn.Module, layer: PlannedLayer) -> bool:
 
 
 def check_conv_fits(module: nn.Module, layer: PlannedLayer) -> None:
-    """Raise ``ValueError`` unless ``module`` is exactly the conv type and geometry the plan recorded."""
-    if type(module) is not DENSE_BY_NAME[layer.conv_type]:
+    """Raise ``ValueError`` unless ``module`` is the conv type (or a subclass of it) and geometry the plan recorded.
+
+    Subclasses and reparametrized convs are accepted because the pass converts them
+    on request; the plan then records the geometry of their effective conv.
+    """
+    conv_type = DENSE_BY_NAME[layer.conv_type]
+    if not isinstance(module, conv_type):
         raise ValueError(f"layer {layer.name!r} is a {type(module).__name__} in this model, but the plan converted a {layer.conv_type}")
     actual = geometry_of(module)
     expected = layer.geometry()

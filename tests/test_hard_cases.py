@@ -595,3 +595,21 @@ def test_half_precision_model_converts_on_cuda(dtype):
     tolerance = {torch.float16: 2e-2, torch.bfloat16: 8e-2}[dtype]
     actual = result.model(x.to(device="cuda", dtype=dtype)).float().cpu()
     torch.testing.assert_close(actual, model(x), rtol=tolerance, atol=tolerance)
+
+
+def test_plan_rebuilds_converted_subclasses():
+    from convert import apply_plan, build_plan
+
+    def fresh() -> nn.Module:
+        torch.manual_seed(3)
+        return nn.Sequential(timm.layers.Conv2dSame(3, 8, 3, stride=2), nn.ReLU(), parametrizations.weight_norm(nn.Conv2d(8, 8, 3))).eval()
+
+    converted = convert_model(fresh(), convert_subclasses=True, convert_parametrized=True, depth_multiplier=2)
+    plan = build_plan(converted)
+    assert [layer.same_padding for layer in plan.layers] == [True, False]
+
+    rebuilt = apply_plan(fresh(), json.loads(plan.to_json()))
+    assert isinstance(rebuilt[0].conv_dw, SamePadConv2d)
+    rebuilt.load_state_dict(converted.state_dict())
+    x = torch.randn(1, 3, 11, 11)
+    torch.testing.assert_close(rebuilt(x), converted(x))
