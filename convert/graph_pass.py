@@ -199,7 +199,7 @@ def run_conversion(
     started = time.perf_counter()
     # NOTE: the energy and budget rules choose K for every eligible plan, so they replace
     # any multiplier that the config set for a single layer (layers it leaves alone stay).
-    plans = choose_ranks(target, planning.sites, planning.plans, rank_settings, latency, example_input, calibration)
+    plans = choose_ranks(target, planning.sites, planning.plans, rank_settings, latency, example_input, calibration, planning.effective)
     results = [LayerResult(plan) for plan in plans]
     seconds["select"] = time.perf_counter() - started
 
@@ -454,7 +454,7 @@ def inspect_model(
     options = SelectionOptions(allow_larger, convert_parametrized, convert_subclasses)
     _, target = unwrap_parallel(model)
     planning = plan_model(target, config or LayerConfig(), rank_settings.planning_multiplier(), options, settings, tracing)
-    plans = choose_ranks(target, planning.sites, planning.plans, rank_settings, latency, example_input)
+    plans = choose_ranks(target, planning.sites, planning.plans, rank_settings, latency, example_input, effective=planning.effective)
     return plans, planning.trace_error
 
 
@@ -506,14 +506,18 @@ def choose_ranks(
     latency: LatencySettings,
     example_input: torch.Tensor | None,
     calibration: CalibrationData | None = None,
+    effective: Mapping[str, EffectiveConv] | None = None,
 ) -> list[LayerPlan]:
     """Choose K for the eligible plans, then keep dense the layers that latency-aware timing finds slower.
 
     ``model`` is still unconverted; it runs on ``example_input`` when MACs or
     latency are needed. With calibration data the budget rule measures each
     choice by its estimated output error on that data instead of its weight error.
+    ``effective`` gives the plain conv whose weight is factored for reparametrized
+    convs and conv subclasses, so their ranks are priced from that weight.
     """
     convs = {site.name: site.module for site in sites}
+    weights = {name: effective[name].conv if effective and name in effective else module for name, module in convs.items()}
     positions = None
     if ranks.mode == "budget" and ranks.budget_on == "macs":
         assert example_input is not None, "checked by check_example_input"
@@ -524,7 +528,7 @@ def choose_ranks(
         # NOTE: a layer that never runs on the calibration data gets no output spectrum, so the
         # budget prices it by relative weight error, which is not on the same scale.
         spectra = output_spectra(model, eligible, calibration)
-    plans = select_ranks(plans, convs, ranks, positions, spectra)
+    plans = select_ranks(plans, weights, ranks, positions, spectra)
     if latency.enabled:
         assert example_input is not None, "checked by check_example_input"
         plans = run_model_step(

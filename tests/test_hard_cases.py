@@ -613,3 +613,23 @@ def test_plan_rebuilds_converted_subclasses():
     rebuilt.load_state_dict(converted.state_dict())
     x = torch.randn(1, 3, 11, 11)
     torch.testing.assert_close(rebuilt(x), converted(x))
+
+
+def test_energy_rank_uses_effective_weight():
+    from convert.factorize import channel_spectra
+
+    def energy_rank(weight: torch.Tensor) -> int:
+        energies = channel_spectra(weight).pow(2)
+        shares = energies.cumsum(1) / energies.sum(1, keepdim=True)
+        return int((shares < 0.9 - 1e-9).sum(1).max()) + 1  # smallest K meeting 0.9 in every channel
+
+    # weight standardization rescales each output row, so the spectrum of the effective weight differs
+    conv = StdConv(4, 64, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(torch.logspace(-2, 2, 64).reshape(64, 1, 1, 1))
+    effective_weight = F.batch_norm(conv.weight.reshape(1, 64, -1), None, None, training=True, momentum=0.0, eps=1e-6).reshape_as(conv.weight)
+    expected = energy_rank(effective_weight.detach())
+    assert expected != energy_rank(conv.weight.detach()), "the test needs spectra that differ"
+
+    result = run_conversion(nn.Sequential(conv).eval(), convert_subclasses=True, rank="energy", energy=0.9, allow_larger=True)
+    assert result.layers[0].plan.depth_multiplier == expected
