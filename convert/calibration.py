@@ -154,6 +154,10 @@ def batch_input(batch: object, index: int) -> torch.Tensor:
     )
 
 
+# Start of the note on a layer whose pointwise fit has fewer samples than unknowns.
+UNDERDETERMINED = "underdetermined fit"
+
+
 @dataclass
 class LayerFit:
     """Result of the data-aware fit, or of measuring with calibration data, for one layer.
@@ -317,10 +321,13 @@ class PointwiseMoments:
         self.cross = torch.zeros((conv.groups, conv.out_channels // conv.groups, width), dtype=torch.float64, device=device)
         self.target_energy = 0.0
         self.svd_squared_error = 0.0
+        self.width = width
+        self.samples = 0
 
     @torch.no_grad()
     def update(self, target: torch.Tensor, converted_input: torch.Tensor) -> None:
         hidden = grouped_positions(self.depthwise(converted_input.to(torch.float64)), self.groups)  # (g, d, N*P)
+        self.samples += hidden.shape[-1]
         if self.bias:
             ones = torch.ones_like(hidden[:, :1, :])
             hidden = torch.cat([hidden, ones], dim=1)
@@ -509,6 +516,13 @@ def fit_layers(
     finally:
         restore_modes(reference, reference_modes)
         restore_modes(target, target_modes)
+    underdetermined = [name for name, fit in fits.items() if fit.note and fit.note.startswith(UNDERDETERMINED)]
+    if underdetermined:
+        warnings.warn(
+            f"{len(underdetermined)} layer(s) had fewer calibration positions than pointwise weights per output "
+            f"({', '.join(underdetermined)}), so their fit may not generalize: pass more calibration batches",
+            stacklevel=4,  # the caller of run_conversion
+        )
     return target, fits
 
 
@@ -575,7 +589,13 @@ def fit_one_layer(
     data_error = relative_from_squared(squared_error, energy)
     svd_error = relative_from_squared(pointwise_moments.svd_squared_error, energy)
     if data_error <= svd_error:
-        return data_layer, LayerFit(name, "data", data_error, svd_error, data_weight_error)
+        note = None
+        if pointwise_moments.samples < pointwise_moments.width:
+            note = (
+                f"{UNDERDETERMINED}: {pointwise_moments.samples} calibration positions for "
+                f"{pointwise_moments.width} pointwise weights per output, so the error on the calibration data understates the real one"
+            )
+        return data_layer, LayerFit(name, "data", data_error, svd_error, data_weight_error, note)
     note = "weight SVD had the lower output error on the calibration data, so it was kept"
     return svd_layer, LayerFit(name, "svd", svd_error, svd_error, svd_weight_error, note)
 

@@ -380,3 +380,13 @@ def test_invalid_calibration_files(tmp_path, content: object, message: str) -> N
 def test_missing_calibration_file(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="not found"):
         load_calibration_batches(tmp_path / "missing.pt")
+
+
+def test_too_few_calibration_positions_warn() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3)).eval()
+    few = torch.randn(2, 16, 5, 5)  # first conv: 50 positions for 33 weights; last: 2 x 3 x 3 = 18 for 65
+    with pytest.warns(UserWarning, match=r"fewer calibration positions than pointwise weights per output \(2\)"):
+        result = convert.run_conversion(model, init="data", calibration_data=few, depth_multiplier=2)
+    notes = {layer.name: layer.note for layer in result.converted}
+    assert notes["0"] is None
+    assert notes["2"].startswith("underdetermined fit: 18 calibration positions for 65 pointwise weights per output")
