@@ -318,11 +318,16 @@ def parse_positive_int(text: str) -> int:
     return value
 
 
-def parse_positive_float(text: str) -> float:
+def parse_float(text: str, hint: str = "") -> float:
+    """Parse a float for an argparse option; ``hint`` is appended to the error for non-numbers."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number{hint}") from None
+
+
+def parse_positive_float(text: str) -> float:
+    value = parse_float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
     return value
@@ -330,20 +335,14 @@ def parse_positive_float(text: str) -> float:
 
 def parse_share(text: str) -> float:
     """Parse a share in (0, 1], such as ``0.33``."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a share in (0, 1], e.g. 0.33") from None
+    value = parse_float(text, "; give a share in (0, 1], e.g. 0.33")
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]; give a share such as 0.33")
     return value
 
 
 def parse_tolerance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = parse_float(text)
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
     return value

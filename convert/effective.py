@@ -251,3 +251,4 @@ def use_same_padding(layer: nn.Module) -> None:
     new.weight = old.weight
     new.train(old.training)
     layer.conv_dw = new
+    layer.dynamic_padding = True

@@ -6,7 +6,7 @@ __all__ = ["DsconvError", "ConversionError", "CheckpointError", "UsageError"]
 
 
 class DsconvError(Exception):
-    """Base class: the message names the layer, file or value and says what to do."""
+    """Base class: the message names the layer, file or value and tells the user what to do."""
 
 
 class ConversionError(DsconvError):

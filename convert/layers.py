@@ -82,6 +82,9 @@ class DepthwiseSeparableConvNd(nn.Module):
         self.depthwise_form = check_form(depthwise_form)
         # The form "auto" chose on the last eager call ("" before any), reused while compiling or exporting.
         self.measured_form = ""
+        # True when conv_dw pads each input dynamically (see convert.effective.use_same_padding).
+        # The repeat form would skip that padding, so such a layer always runs grouped.
+        self.dynamic_padding = False
         check_positive_int("groups", groups)
         if in_channels % groups or out_channels % groups:
             raise ValueError(
@@ -188,6 +191,7 @@ class DepthwiseSeparableConvNd(nn.Module):
         # Modules pickled before the depthwise forms existed lack these attributes.
         state.setdefault("depthwise_form", "auto")
         state.setdefault("measured_form", "")
+        state.setdefault("dynamic_padding", False)
         super().__setstate__(state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -195,8 +199,8 @@ class DepthwiseSeparableConvNd(nn.Module):
 
     def depthwise(self, x: torch.Tensor) -> torch.Tensor:
         """Run the depthwise half in the form that ``depthwise_form`` selects."""
-        if self.conv_dw.out_channels == self.conv_dw.in_channels:
-            return self.conv_dw(x)  # multiplier 1: both forms are the same conv
+        if self.conv_dw.out_channels == self.conv_dw.in_channels or self.dynamic_padding:
+            return self.conv_dw(x)  # multiplier 1 has one form, and dynamic padding needs the grouped one
         form = self.depthwise_form
         if form == "auto":
             if torch.jit.is_scripting():

@@ -152,15 +152,15 @@ def structural_reason(
     effective = None
     reparametrized = reparametrizations(conv)
     if reparametrized:
-        what = ", ".join(reparametrized)
+        methods = ", ".join(reparametrized)
         if not options.convert_parametrized:
             return (
-                f"its weight is reparametrized ({what}); pass convert_parametrized=True "
+                f"its weight is reparametrized ({methods}); pass convert_parametrized=True "
                 "(--convert-parametrized) to convert its current effective weight"
             ), None
         effective, failure = capture_effective_conv(conv)
         if effective is None:
-            return f"its weight is reparametrized ({what}) and {failure}", None
+            return f"its weight is reparametrized ({methods}) and {failure}", None
     elif dense_base_type(conv) is None:
         parent = next((base.__name__ for base in kind.__mro__ if base in SEPARABLE_BY_DENSE), "a conv")
         if not options.convert_subclasses:

@@ -16,6 +16,7 @@ from torch.nn.utils import parametrizations
 from convert import DepthwiseSeparableConv1d, DepthwiseSeparableConv2d, DepthwiseSeparableConv3d, DepthwiseSeparableConvNd, UsageError, convert_model, inspect_model, run_conversion
 from convert.config import LayerConfig, load_config
 from convert.effective import SamePadConv2d
+from convert.forms import set_depthwise_form
 from convert.measure import count_parameters
 
 EXACT = {"rtol": 1e-4, "atol": 1e-5}
@@ -371,9 +372,11 @@ def test_conv_subclass_converted_exactly_on_request(conv):
     plan = result.layers[0].plan
     assert plan.converted, plan.reason
     assert plan.effective.startswith(f"effective weight of {type(conv).__name__}")
-    for size in (9, 12):  # odd and even sizes exercise the dynamic padding
-        x = torch.randn(2, 3, size, size)
-        torch.testing.assert_close(result.model(x), model(x), **EXACT)
+    for form in ("grouped", "repeat", "auto"):  # every depthwise form must keep the dynamic padding
+        set_depthwise_form(result.model, form)
+        for size in (9, 12):  # odd and even sizes exercise the dynamic padding
+            x = torch.randn(2, 3, size, size)
+            torch.testing.assert_close(result.model(x), model(x), **EXACT)
     if "Same" in type(conv).__name__:
         assert isinstance(result.model[0].conv_dw, SamePadConv2d)
         assert plan.effective.endswith("with dynamic 'same' padding")
