@@ -79,8 +79,8 @@ class ConversionResult:
     """The converted model and a record of every conv the pass looked at.
 
     ``path`` is ``"fx"`` when the graph was traced and ``"swap"`` when the pass fell
-    back to swapping modules by name; ``trace_error`` gives in one line why tracing
-    failed (``None`` when it did not fail or was not tried).
+    back to swapping modules by name. ``trace_error`` gives in one line why tracing
+    failed, and is ``None`` when it did not fail or was not tried.
     """
 
     model: nn.Module

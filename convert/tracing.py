@@ -85,7 +85,7 @@ def trace_model(model: nn.Module, settings: TraceSettings) -> torch.fx.Graph:
 
 @dataclass
 class GraphUsage:
-    """How traced graphs use each module and parameter.
+    """Module calls and direct parameter reads found in traced graphs.
 
     ``called``: qualified module name -> number of ``call_module`` nodes.
     ``attribute_reads``: qualified attribute name (``conv.weight``) -> names of the

@@ -24,7 +24,7 @@ def test_reported_error_matches_reconstruction(multiplier):
     assert factors.relative_error == pytest.approx(measured, rel=1e-4, abs=1e-6)
 
 
-def test_error_decreases_with_multiplier_and_vanishes_at_full_rank():
+def test_error_falls_to_zero_at_full_rank():
     weight = torch.randn(12, 3, 3, 3)
     errors = [factorize_weight(weight, k).relative_error for k in range(1, 10)]
     assert all(later < earlier for earlier, later in zip(errors, errors[1:]))
@@ -41,7 +41,7 @@ def test_svd_beats_random_factors_of_same_rank():
         assert error > best
 
 
-def test_low_rank_weight_is_recovered_exactly_at_its_rank():
+def test_low_rank_weight_recovered_exactly():
     # each channel slice W[:, c] of rank 2 -> K=2 is exact even though full rank is 9
     left = torch.randn(3, 10, 2)
     right = torch.randn(3, 2, 9)
